@@ -1,0 +1,1 @@
+"""Ivy: the data-acquisition supervisor of one sensor station."""

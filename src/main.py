@@ -1,0 +1,209 @@
+"""The main loop: supervise one child per procedure and per backend, apply
+pending configs, flush the archive, enforce retention, and tear everything
+down in order (procedures first, backends last, so that the backend drains what
+the procedures produced) on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.connection
+import os
+import signal
+import time
+from types import FrameType
+
+from src import backend, constants, procedures
+from src.types import Config, ConfigMessageBody, redact_secrets
+from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
+from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
+from src.utils.logger import Logger
+from src.utils.messaging_agent import MessagingAgent
+from src.utils.state_interface import StateInterface
+from src.utils.updater import Updater
+
+_MAX_WAIT_SECONDS = 0.5
+_ARCHIVE_FLUSH_INTERVAL = 2.0
+_HEARTBEAT_INTERVAL = 10.0
+_DROP_REPORT_INTERVAL = 60.0
+_RETENTION_INTERVAL = 3600.0
+_MAX_ERROR_BACKOFF = 300.0
+
+
+class Mainloop:
+    """The state of one main loop run."""
+
+    def __init__(self, config: Config) -> None:
+        """Prepare; nothing is started yet. Called by `run`."""
+        self.config = config
+        self.logger = Logger(origin="main", config=config)
+        self.messaging_agent = MessagingAgent(config)
+        self.updater = Updater(config, self.logger, self.messaging_agent)
+        self.managers: list[LifecycleManager] = []
+        self.stop_requested = False
+        self.last_run: dict[str, float] = {}
+        self.reported_dropped = self.messaging_agent.get_dropped_count()
+        self.published_status: str | None = None
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+
+    def _due(self, task: str, interval: float, now: float) -> bool:
+        if now - self.last_run.get(task, -float("inf")) < interval:
+            return False
+        self.last_run[task] = now
+        return True
+
+    def start_children(self) -> None:
+        """Start one supervised child per enabled procedure and per backend."""
+        self.managers = [
+            LifecycleManager(name, "procedure", target, self.config, self.logger)
+            for name, target in procedures.enabled_procedures(self.config).items()
+        ]
+        if self.config.backend is not None:
+            self.managers.append(
+                LifecycleManager(
+                    "backend",
+                    "backend",
+                    backend.BACKENDS[self.config.backend.provider],
+                    self.config,
+                    self.logger,
+                )
+            )
+        for manager in self.managers:
+            manager.start()
+
+    def stop_children(self) -> None:
+        """Procedures first, then backends, each group in parallel."""
+        teardown_in_parallel([m for m in self.managers if m.variant == "procedure"])
+        teardown_in_parallel([m for m in self.managers if m.variant == "backend"])
+        self.managers = []
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT, then tear down and return."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.logger.info(
+            f"starting Ivy {constants.VERSION.root} with config revision "
+            f"{self.config.general.config_revision} (pid {os.getpid()})"
+        )
+        self._acknowledge_startup()
+        self.start_children()
+        with StateInterface.update() as state:
+            state.mainloop.pid = os.getpid()
+            state.mainloop.started_at = time.time()
+            state.mainloop.last_heartbeat = time.time()
+
+        consecutive_errors = 0
+        while not self.stop_requested:
+            try:
+                self.iterate()
+                consecutive_errors = 0
+            except Exception as e:
+                consecutive_errors += 1
+                delay = capped_exponential_delay(consecutive_errors, 1.0, _MAX_ERROR_BACKOFF)
+                self.logger.exception(e, f"main loop iteration failed; retrying in {delay:.0f} s")
+                self._sleep_unless_stopped(delay)
+                continue
+            self._wait_for_next_event()
+
+        self.logger.info("stopping: tearing down procedures, then backends")
+        self.stop_children()
+        self.messaging_agent.flush_archive()
+        with StateInterface.update() as state:
+            state.mainloop.pid = None
+            for process_state in state.processes.values():
+                process_state.alive = False
+                process_state.pid = None
+        self.logger.info("stopped")
+
+    def iterate(self) -> None:
+        """One pass: restart dead children, apply pending configs, periodic work."""
+        for manager in self.managers:
+            manager.check()
+        self._apply_pending_configs()
+        now = time.time()
+        if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
+            self.messaging_agent.flush_archive()
+        if self._due("retention", _RETENTION_INTERVAL, now):
+            self._enforce_retention()
+        if self._due("dropped", _DROP_REPORT_INTERVAL, now):
+            self._report_dropped_messages()
+        self._publish_status(heartbeat=self._due("heartbeat", _HEARTBEAT_INTERVAL, now))
+
+    def _wait_for_next_event(self) -> None:
+        timeout = _MAX_WAIT_SECONDS
+        for manager in self.managers:
+            due = manager.seconds_until_next_start()
+            if due is not None:
+                timeout = min(timeout, due)
+        sentinels = [s for s in (m.sentinel() for m in self.managers) if s is not None]
+        if sentinels:
+            multiprocessing.connection.wait(sentinels, timeout=timeout)
+        else:
+            time.sleep(timeout)
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.time() + seconds
+        while not self.stop_requested and time.time() < deadline:
+            time.sleep(min(_MAX_WAIT_SECONDS, deadline - time.time()))
+
+    def _acknowledge_startup(self) -> None:
+        self.messaging_agent.add_message(
+            ConfigMessageBody(
+                status="startup",
+                config_revision=self.config.general.config_revision,
+                software_version=self.config.general.software_version.root,
+                config=redact_secrets(json.loads(self.config.to_json())),
+            )
+        )
+
+    def _apply_pending_configs(self) -> None:
+        if not StateInterface.load().pending_configs:
+            return
+        with StateInterface.update() as state:
+            pending = sorted(state.pending_configs, key=lambda c: c.general.config_revision)
+            state.pending_configs = []
+        for foreign_config in pending:
+            new_config = self.updater.handle(foreign_config)
+            if new_config is not None:
+                self.stop_children()
+                self.config = new_config
+                self.logger = Logger(origin="main", config=new_config)
+                self.updater.logger = self.logger
+                self.start_children()
+
+    def _enforce_retention(self) -> None:
+        days = self.config.storage.retention_days
+        for directory in (constants.MESSAGE_ARCHIVE_DIR, constants.LOGS_DIR):
+            deleted = delete_expired_dated_files(directory, days)
+            if deleted:
+                self.logger.info(
+                    f"deleted {len(deleted)} file(s) older than {days} days from {directory}"
+                )
+
+    def _report_dropped_messages(self) -> None:
+        dropped = self.messaging_agent.get_dropped_count()
+        if dropped > self.reported_dropped:
+            self.logger.warning(
+                f"the queue hit its cap of {self.config.storage.max_queued_messages} messages: "
+                f"dropped the {dropped - self.reported_dropped} oldest since the last report "
+                f"({dropped} in all)"
+            )
+            self.reported_dropped = dropped
+
+    def _publish_status(self, heartbeat: bool) -> None:
+        statuses = {m.name: m.status() for m in self.managers}
+        serialized = json.dumps({k: v.model_dump() for k, v in statuses.items()}, sort_keys=True)
+        if serialized == self.published_status and not heartbeat:
+            return
+        with StateInterface.update() as state:
+            state.processes = statuses
+            state.mainloop.pid = os.getpid()
+            state.mainloop.last_heartbeat = time.time()
+        self.published_status = serialized
+
+
+def run(config: Config) -> None:
+    """Run the main loop in this process until it is told to stop. Called by
+    run.py, which holds the single-instance lock."""
+    Mainloop(config).run()

@@ -1,0 +1,50 @@
+"""Typed records shared by every process: config, messages, state."""
+
+from .config import (
+    BackendConfig,
+    Config,
+    ConfigError,
+    DummyProcedureConfig,
+    ForeignConfig,
+    LoggingVerbosityConfig,
+    LogLevel,
+    StorageConfig,
+    SystemChecksConfig,
+    TLSConfig,
+    UpdaterConfig,
+    redact_secrets,
+)
+from .messages import (
+    ConfigMessageBody,
+    DataMessageBody,
+    LogMessageBody,
+    MessageArchiveItem,
+    MessageBody,
+    MessageQueueItem,
+)
+from .state import MainloopState, ProcessState, State, SystemState
+
+__all__ = [
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "ConfigMessageBody",
+    "DataMessageBody",
+    "DummyProcedureConfig",
+    "ForeignConfig",
+    "LogLevel",
+    "LogMessageBody",
+    "LoggingVerbosityConfig",
+    "MainloopState",
+    "MessageArchiveItem",
+    "MessageBody",
+    "MessageQueueItem",
+    "ProcessState",
+    "State",
+    "StorageConfig",
+    "SystemChecksConfig",
+    "SystemState",
+    "TLSConfig",
+    "UpdaterConfig",
+    "redact_secrets",
+]

@@ -1,0 +1,280 @@
+"""The station's config (`config/config.json`) and the looser `ForeignConfig`
+that arrives over MQTT before it is validated in full.
+
+Secrets are `SecretStr`: they print and serialize as `**********` everywhere
+except in `Config.dump`, which writes them to the config file itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import pydantic
+import tum_esm_utils.validators
+from pydantic import Field, SecretStr
+
+from src import constants
+
+from .atomic_file import write_atomically
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "EXCEPTION"]
+
+REDACTED = "**********"
+_REVEAL_SECRETS = "reveal_secrets"
+
+
+def _serialize_secret(value: SecretStr, info: pydantic.SerializationInfo) -> str:
+    if isinstance(info.context, dict) and info.context.get(_REVEAL_SECRETS):
+        return value.get_secret_value()
+    return REDACTED
+
+
+SecretString = Annotated[SecretStr, pydantic.PlainSerializer(_serialize_secret, return_type=str)]
+
+# anchored: a pattern without ^...$ would accept any string containing a match
+_HOSTNAME_PATTERN = r"^([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:]{2,39})$"
+_IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class _Section(tum_esm_utils.validators.StricterBaseModel):
+    """A config section: unknown keys are errors, so that typos are caught."""
+
+
+class GeneralConfig(_Section):
+    system_identifier: str = Field(
+        ...,
+        pattern=_IDENTIFIER_PATTERN,
+        description="Name of this station; used in MQTT topics. Letters, digits, _ . -",
+    )
+    config_revision: int = Field(
+        ..., ge=0, description="Revision of this config; remote configs must be higher."
+    )
+    software_version: tum_esm_utils.validators.Version = Field(
+        ..., description="Ivy version this config is written for, e.g. 0.1.0."
+    )
+
+
+class LoggingVerbosityConfig(_Section):
+    console_prints: LogLevel | None = Field(
+        "INFO", description="Minimum level printed to stdout; null turns the channel off."
+    )
+    file_archive: LogLevel | None = Field(
+        "DEBUG", description="Minimum level written to data/logs/YYYY-MM-DD.log; null: off."
+    )
+    message_sending: LogLevel | None = Field(
+        "WARNING", description="Minimum level sent to the backend as log messages; null: off."
+    )
+
+
+class StorageConfig(_Section):
+    sqlite_synchronous: Literal["NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL",
+        description="SQLite `synchronous` of the message queue. FULL survives power loss.",
+    )
+    max_queued_messages: int = Field(
+        5_000_000,
+        ge=1_000,
+        description=(
+            "Cap on queued messages; above it the oldest data messages are dropped first, "
+            "config acknowledgements last."
+        ),
+    )
+    retention_days: int = Field(
+        365, ge=1, description="Message archive and log files older than this are deleted."
+    )
+
+
+class UpdaterConfig(_Section):
+    source: Literal["github", "gitlab", "git"] = Field(
+        ..., description="Where new versions come from."
+    )
+    repository: str = Field(
+        ...,
+        pattern=r"^\S{1,512}$",
+        description="owner/name (github, gitlab) or a git URL or local path (git).",
+    )
+    host: str | None = Field(
+        None, pattern=_HOSTNAME_PATTERN, description="GitLab host; null for gitlab.com."
+    )
+    access_token: SecretString | None = Field(
+        None, description="Token for private repositories; sent in a header, never logged."
+    )
+    allow_downgrades: bool = Field(False, description="Accept configs with a lower version.")
+
+
+class TLSConfig(_Section):
+    ca_file: str | None = Field(None, description="CA bundle; null: the system's CAs.")
+    client_cert_file: str | None = Field(None, description="Client certificate (PEM).")
+    client_key_file: str | None = Field(None, description="Client private key (PEM).")
+    check_hostname: bool = Field(True, description="Check the broker's hostname.")
+
+    @pydantic.model_validator(mode="after")
+    def _cert_and_key_together(self) -> TLSConfig:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file must be given together")
+        return self
+
+
+class BackendConfig(_Section):
+    provider: Literal["tenta", "thingsboard"] = Field(..., description="Protocol spoken.")
+    mqtt_host: str = Field(..., pattern=_HOSTNAME_PATTERN, description="Broker host.")
+    mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    mqtt_client_id: str = Field(
+        ..., pattern=_CLIENT_ID_PATTERN, description="MQTT client id (persistent session)."
+    )
+    mqtt_username: str | None = Field(
+        None, max_length=256, description="Username; the device token for ThingsBoard."
+    )
+    mqtt_password: SecretString | None = Field(None, description="Password.")
+    mqtt_protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version.")
+    tls: TLSConfig | None = Field(None, description="TLS settings; null: plain TCP.")
+    max_parallel_messages: int = Field(
+        50, ge=1, le=10_000, description="Publishes awaiting their PUBACK at once."
+    )
+    max_payload_bytes: int = Field(
+        64_000, ge=1_024, le=10_000_000, description="Upper bound of one publish's payload."
+    )
+    max_drain_time: int = Field(
+        60, ge=0, le=3_600, description="Seconds to keep draining the queue on teardown."
+    )
+
+
+class DummyProcedureConfig(_Section):
+    seconds_between_datapoints: int = Field(
+        10, ge=1, le=86_400, description="One random-walk data point per interval."
+    )
+
+
+class SystemChecksConfig(_Section):
+    seconds_between_checks: int = Field(
+        60, ge=5, le=86_400, description="Interval of the system health data points."
+    )
+
+
+class ConfigError(Exception):
+    """A config could not be read or validated; the message names every bad
+    field and the value it had (secrets redacted)."""
+
+
+class Config(tum_esm_utils.validators.StricterBaseModel):
+    """The whole station config. A procedure section set to null disables it;
+    `backend: null` keeps every message in the local queue and archive."""
+
+    general: GeneralConfig
+    logging_verbosity: LoggingVerbosityConfig = Field(default_factory=LoggingVerbosityConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    updater: UpdaterConfig | None = None
+    backend: BackendConfig | None = None
+    dummy_procedure: DummyProcedureConfig | None = None
+    system_checks: SystemChecksConfig | None = None
+
+    @staticmethod
+    def load_from_string(content: str, source: str = "config") -> Config:
+        """Parse and validate a JSON config; raise `ConfigError` naming every bad
+        field. Called by the main loop, the CLI and the updater."""
+        try:
+            return Config.model_validate_json(content)
+        except pydantic.ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+    @staticmethod
+    def load(path: str = constants.CONFIG_PATH) -> Config:
+        """Load `config/config.json`; raise `ConfigError` with a clear message when
+        it is missing or invalid. Called by every process at its start."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = f.read()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        return Config.load_from_string(content, source=path)
+
+    @staticmethod
+    def load_template() -> Config:
+        """Load the tracked `config/config.template.json`. Called by tests and by
+        `ivy start` when no config exists yet."""
+        return Config.load(constants.CONFIG_TEMPLATE_PATH)
+
+    def dump(self, path: str = constants.CONFIG_PATH) -> None:
+        """Write this config atomically, secrets included. Called by the CLI and
+        the updater when a new config is accepted."""
+        write_atomically(path, self.to_json(reveal_secrets=True) + "\n")
+
+    def to_json(self, reveal_secrets: bool = False) -> str:
+        """The config as indented JSON; secrets are redacted unless revealed."""
+        return self.model_dump_json(indent=4, context={_REVEAL_SECRETS: reveal_secrets})
+
+    def to_foreign_config(self) -> ForeignConfig:
+        """This config as a `ForeignConfig`, secrets included, e.g. to queue it as
+        pending in the state."""
+        return ForeignConfig.model_validate_json(self.to_json(reveal_secrets=True))
+
+
+class _ForeignGeneralConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+    config_revision: int = Field(..., ge=0)
+    software_version: tum_esm_utils.validators.Version
+
+
+class ForeignConfig(pydantic.BaseModel):
+    """A config as received from the backend: only the revision and the version
+    are checked up front; everything else is validated when it is applied, by the
+    version that will run it."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    general: _ForeignGeneralConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON data, secrets included."""
+        result: dict[str, Any] = json.loads(self.model_dump_json())
+        return result
+
+
+def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[str]:
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        annotation = field.annotation
+        for candidate in get_args(annotation) or (annotation,):
+            if get_origin(candidate) is Annotated:
+                candidate = get_args(candidate)[0]
+            if candidate is SecretStr:
+                names.add(field_name)
+            elif isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel):
+                names |= _collect_secret_field_names(candidate)
+    return frozenset(names)
+
+
+SECRET_FIELD_NAMES: frozenset[str] = _collect_secret_field_names(Config)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of JSON data with the value of every secret field replaced, for
+    configs that leave the station in acknowledgements or land in logs."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if (k in SECRET_FIELD_NAMES and v is not None) else redact_secrets(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def format_validation_error(error: pydantic.ValidationError, source: str) -> str:
+    """One line per problem: the dotted field path, what is wrong and the value
+    found (redacted for secrets)."""
+    lines = [f"{source} is invalid ({error.error_count()} problem(s)):"]
+    for e in error.errors():
+        location = ".".join(str(part) for part in e["loc"]) or "(whole document)"
+        line = f"  {location}: {e['msg']}"
+        if e["type"] not in ("missing", "json_invalid"):
+            if any(part in SECRET_FIELD_NAMES for part in e["loc"]):
+                shown = REDACTED
+            else:
+                shown = json.dumps(e["input"], default=str)
+                if len(shown) > 80:
+                    shown = shown[:77] + "..."
+            line += f" (got {shown})"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Building blocks used by the main loop, the procedures and the backends."""

@@ -1,0 +1,138 @@
+"""Logging to three channels, each with its own minimum level or off:
+the console (stdout, which systemd's journal captures), the daily log file
+`logs/YYYY-MM-DD.log`, and the message queue (so the backend sees warnings).
+
+Every secret of the config is replaced before a line leaves the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from src import constants
+from src.types import Config, LoggingVerbosityConfig, LogLevel, LogMessageBody
+from src.types.config import REDACTED, SECRET_FIELD_NAMES
+
+from .functions import utc_date_string
+from .messaging_agent import MessagingAgent
+
+
+def _collect_secret_values(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in SECRET_FIELD_NAMES and isinstance(v, str) and v:
+                found.add(v)
+            else:
+                found |= _collect_secret_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            found |= _collect_secret_values(v)
+    return found
+
+
+class Logger:
+    """A logger for one origin (a procedure's name, "main", "backend", ...)."""
+
+    def __init__(self, origin: str, config: Config | None = None) -> None:
+        """Create a logger. Without a config (before one could be loaded) it uses
+        the default levels and does not send messages. Called once per process."""
+        self.origin = origin
+        self.config = config
+        self.verbosity = config.logging_verbosity if config else LoggingVerbosityConfig()
+        self.secrets = (
+            sorted(
+                _collect_secret_values(json.loads(config.to_json(reveal_secrets=True))), key=len
+            )[::-1]
+            if config
+            else []
+        )
+        self._messaging_agent: MessagingAgent | None = None
+        self._sending = False
+
+    def debug(self, message: str, details: str = "") -> None:
+        """Log at DEBUG level."""
+        self._log("DEBUG", message, details)
+
+    def info(self, message: str, details: str = "") -> None:
+        """Log at INFO level."""
+        self._log("INFO", message, details)
+
+    def warning(self, message: str, details: str = "") -> None:
+        """Log at WARNING level."""
+        self._log("WARNING", message, details)
+
+    def error(self, message: str, details: str = "") -> None:
+        """Log at ERROR level."""
+        self._log("ERROR", message, details)
+
+    def exception(self, e: BaseException, label: str | None = None, details: str = "") -> None:
+        """Log an exception with its traceback at EXCEPTION level; `label` says
+        what was being done."""
+        subject = f"{label}: {type(e).__name__}: {e}" if label else f"{type(e).__name__}: {e}"
+        trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        self._log("EXCEPTION", subject, f"{details}\n{trace}" if details else trace)
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def _enabled(self, channel_level: LogLevel | None, level: LogLevel) -> bool:
+        return channel_level is not None and (
+            constants.LOGGING_LEVEL_PRIORITIES[level]
+            >= constants.LOGGING_LEVEL_PRIORITIES[channel_level]
+        )
+
+    def _log(self, level: LogLevel, message: str, details: str) -> None:
+        message, details = self._redact(message), self._redact(details)
+        now = time.time()
+        timestamp = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}"
+        )
+        text = f"{timestamp} UTC - {self.origin} - {level} - {message}\n"
+        if details:
+            text += "".join(f"    {line}\n" for line in details.strip("\n").splitlines())
+
+        if self._enabled(self.verbosity.console_prints, level):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        if self._enabled(self.verbosity.file_archive, level):
+            self._write_to_file(now, text)
+        if self.config is not None and self._enabled(self.verbosity.message_sending, level):
+            self._send(level, message, details)
+
+    def _write_to_file(self, now: float, text: str) -> None:
+        os.makedirs(constants.LOGS_DIR, exist_ok=True)
+        # one write() on an O_APPEND descriptor: lines of concurrent processes
+        # never interleave
+        path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(now)}.log")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def _send(self, level: LogLevel, message: str, details: str) -> None:
+        if self._sending:  # a failure while sending must not recurse
+            return
+        self._sending = True
+        try:
+            if self._messaging_agent is None:
+                self._messaging_agent = MessagingAgent(self.config)
+            self._messaging_agent.add_message(
+                LogMessageBody(
+                    level=level,
+                    subject=f"{self.origin} - {message}"[:512],
+                    body=details[:65_536],
+                )
+            )
+        except Exception as e:
+            self._write_to_file(time.time(), f"{self.origin} - could not queue log message: {e}\n")
+        finally:
+            self._sending = False

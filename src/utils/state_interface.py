@@ -1,0 +1,72 @@
+"""Read and update the shared `data/state.json` across processes.
+
+`update()` holds the file lock over the whole read-modify-write, so concurrent
+updates never lose each other's changes; the write is atomic. A file that does
+not parse is moved aside as `state.json.corrupt-<time>`, logged, and replaced by
+defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+import filelock
+import pydantic
+
+from src import constants
+from src.types import State
+from src.types.atomic_file import write_atomically
+
+from .logger import Logger
+
+_LOCK_TIMEOUT_SECONDS = 30
+
+
+class StateInterface:
+    """Static access to the state file; every process uses it directly."""
+
+    @staticmethod
+    def _lock() -> filelock.FileLock:
+        os.makedirs(os.path.dirname(constants.STATE_LOCK_PATH), exist_ok=True)
+        return filelock.FileLock(constants.STATE_LOCK_PATH, timeout=_LOCK_TIMEOUT_SECONDS)
+
+    @staticmethod
+    def load() -> State:
+        """The current state (defaults when there is no file yet). Called by the
+        CLI and by any process that only reads."""
+        with StateInterface._lock():
+            return StateInterface._read_unlocked()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def update() -> Iterator[State]:
+        """`with StateInterface.update() as state: state.x = ...` — the changes are
+        written atomically when the block ends without an exception. Called by the
+        main loop, the procedures and the backend."""
+        with StateInterface._lock():
+            state = StateInterface._read_unlocked()
+            yield state
+            write_atomically(constants.STATE_PATH, state.model_dump_json(indent=4))
+
+    @staticmethod
+    def _read_unlocked() -> State:
+        try:
+            with open(constants.STATE_PATH, encoding="utf-8") as f:
+                content = f.read()
+        except FileNotFoundError:
+            return State()
+        try:
+            return State.model_validate_json(content)
+        except pydantic.ValidationError as e:
+            aside = (
+                f"{constants.STATE_PATH}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            )
+            os.replace(constants.STATE_PATH, aside)
+            Logger(origin="state-interface").error(
+                f"state file could not be read and was moved to {aside}; starting from defaults",
+                details=str(e),
+            )
+            return State()
