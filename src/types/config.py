@@ -180,9 +180,10 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
             raise ConfigError(format_validation_error(e, source)) from None
 
     @staticmethod
-    def load(path: str = constants.CONFIG_PATH) -> Config:
+    def load(path: str | None = None) -> Config:
         """Load `config/config.json`; raise `ConfigError` with a clear message when
         it is missing or invalid. Called by every process at its start."""
+        path = path or constants.CONFIG_PATH
         try:
             with open(path, encoding="utf-8") as f:
                 content = f.read()
@@ -196,10 +197,10 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         `ivy start` when no config exists yet."""
         return Config.load(constants.CONFIG_TEMPLATE_PATH)
 
-    def dump(self, path: str = constants.CONFIG_PATH) -> None:
+    def dump(self, path: str | None = None) -> None:
         """Write this config atomically, secrets included. Called by the CLI and
         the updater when a new config is accepted."""
-        write_atomically(path, self.to_json(reveal_secrets=True) + "\n")
+        write_atomically(path or constants.CONFIG_PATH, self.to_json(reveal_secrets=True) + "\n")
 
     def to_json(self, reveal_secrets: bool = False) -> str:
         """The config as indented JSON; secrets are redacted unless revealed."""

@@ -76,14 +76,16 @@ class MessagingAgent:
     def __init__(
         self,
         config: Config | None = None,
-        queue_path: str = constants.MESSAGE_QUEUE_PATH,
-        archive_dir: str = constants.MESSAGE_ARCHIVE_DIR,
+        queue_path: str | None = None,
+        archive_dir: str | None = None,
     ) -> None:
         """Open (and create) the queue. Called by every process that produces or
         sends messages, once at its start."""
         storage = config.storage if config is not None else StorageConfig()
         self.config_revision = config.general.config_revision if config is not None else 0
         self.max_queued_messages = storage.max_queued_messages
+        queue_path = queue_path or constants.MESSAGE_QUEUE_PATH
+        archive_dir = archive_dir or constants.MESSAGE_ARCHIVE_DIR
         self.archive_dir = archive_dir
         os.makedirs(os.path.dirname(os.path.abspath(queue_path)), exist_ok=True)
         os.makedirs(archive_dir, exist_ok=True)

@@ -1,0 +1,148 @@
+"""Shared fixtures. Every test gets its own data directory; integration tests get
+a whole station (a copy of the project) in a temporary directory, driven through
+the real CLI in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import pytest
+
+# before src is imported: no test may touch the developer's own data directory
+os.environ["IVY_DATA_DIR"] = tempfile.mkdtemp(prefix="ivy-test-data-")
+os.environ["IVY_ROOT_DIR"] = tempfile.mkdtemp(prefix="ivy-test-root-")
+
+from src import constants  # noqa: E402
+
+PROJECT_DIR = constants.PROJECT_DIR
+_DATA_PATH_CONSTANTS = {
+    "DATA_DIR": "",
+    "STATE_PATH": "state.json",
+    "STATE_LOCK_PATH": "state.lock",
+    "MESSAGE_QUEUE_PATH": "active-message-queue.sqlite3",
+    "MESSAGE_ARCHIVE_DIR": "messages",
+    "LOGS_DIR": "logs",
+    "MAINLOOP_LOCK_PATH": "ivy.lock",
+    "MAINLOOP_OUTPUT_PATH": "logs/mainloop-output.txt",
+}
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point every data path of `src.constants` into this test's temporary dir."""
+    directory = str(tmp_path / "data")
+    os.makedirs(directory)
+    for name, relative in _DATA_PATH_CONSTANTS.items():
+        monkeypatch.setattr(constants, name, os.path.join(directory, relative).rstrip("/"))
+    monkeypatch.setattr(constants, "CONFIG_PATH", str(tmp_path / "config.json"))
+    return directory
+
+
+def template_config_dict() -> dict[str, Any]:
+    """The tracked template as a dict, to modify in tests."""
+    with open(os.path.join(PROJECT_DIR, "config", "config.template.json")) as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+@dataclass
+class Station:
+    """A copy of the project in a temporary directory with its own data dir."""
+
+    project_dir: str
+    data_dir: str
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run `ivy ARGS` of this station and capture its output."""
+        return subprocess.run(
+            [sys.executable, os.path.join(self.project_dir, "cli.py"), *args],
+            env=self.env,
+            cwd=self.project_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write config/config.json of this station."""
+        with open(os.path.join(self.project_dir, "config", "config.json"), "w") as f:
+            json.dump(config, f, indent=4)
+
+    def status(self) -> dict[str, Any]:
+        """`ivy status --json`, parsed."""
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        parsed: dict[str, Any] = json.loads(result.stdout)
+        return parsed
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process running this station's run.py."""
+        run_py = os.path.join(self.project_dir, "run.py")
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if run_py in (p.info["cmdline"] or []) and p.info["status"] != "zombie":
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    def path(self, *parts: str) -> str:
+        """A path inside this station's data directory."""
+        return os.path.join(self.data_dir, *parts)
+
+
+@pytest.fixture
+def station(tmp_path: Any) -> Iterator[Station]:
+    """A station copy whose processes are killed at the end, whatever happened."""
+    project_dir = str(tmp_path / "project")
+    os.makedirs(os.path.join(project_dir, "config"))
+    for name in ("run.py", "cli.py", "pyproject.toml"):
+        shutil.copy(os.path.join(PROJECT_DIR, name), project_dir)
+    shutil.copy(
+        os.path.join(PROJECT_DIR, "config", "config.template.json"),
+        os.path.join(project_dir, "config"),
+    )
+    shutil.copytree(
+        os.path.join(PROJECT_DIR, "src"),
+        os.path.join(project_dir, "src"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    env = {
+        **os.environ,
+        "IVY_ROOT_DIR": str(tmp_path / "root"),
+        "IVY_DATA_DIR": str(tmp_path / "station-data"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    s = Station(project_dir=project_dir, data_dir=env["IVY_DATA_DIR"], env=env)
+    try:
+        yield s
+    finally:
+        for p in s.processes():
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass

@@ -1,0 +1,97 @@
+"""Log channels, levels, and secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+
+from src import constants
+from src.types import Config
+from src.utils.functions import utc_date_string
+from src.utils.logger import Logger
+from src.utils.messaging_agent import MessagingAgent
+from tests.conftest import template_config_dict
+
+pytestmark = pytest.mark.quick
+
+
+def config_with(**verbosity: str | None) -> Config:
+    config = template_config_dict()
+    config["logging_verbosity"].update(verbosity)
+    config["backend"] = {
+        "provider": "tenta",
+        "mqtt_host": "localhost",
+        "mqtt_client_id": "c",
+        "mqtt_password": "pa55-word-secret",
+    }
+    return Config.model_validate(config)
+
+
+def log_file_content() -> str:
+    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def test_each_channel_has_its_own_level(capsys: Any) -> None:
+    logger = Logger(
+        "tester",
+        config_with(console_prints="WARNING", file_archive="INFO", message_sending="ERROR"),
+    )
+    logger.debug("d-line")
+    logger.info("i-line")
+    logger.warning("w-line")
+    logger.error("e-line", details="more\nlines")
+    console = capsys.readouterr().out
+    assert "i-line" not in console and "w-line" in console and "e-line" in console
+    file = log_file_content()
+    assert "d-line" not in file and "i-line" in file
+    assert "tester - ERROR - e-line\n    more\n    lines\n" in file
+    messages = MessagingAgent().get_n_latest_messages(10)
+    assert [m.body.model_dump()["subject"] for m in messages] == ["tester - e-line"]
+
+
+def test_channels_can_be_turned_off(capsys: Any) -> None:
+    logger = Logger(
+        "quiet", config_with(console_prints=None, file_archive=None, message_sending=None)
+    )
+    logger.error("nothing anywhere")
+    assert capsys.readouterr().out == ""
+    assert log_file_content() == ""
+    assert MessagingAgent().get_queue_depth() == 0
+
+
+def test_exceptions_carry_their_traceback() -> None:
+    logger = Logger("tester", config_with(message_sending="EXCEPTION"))
+    try:
+        raise ValueError("bad thing")
+    except ValueError as e:
+        logger.exception(e, label="while testing")
+    assert "EXCEPTION - while testing: ValueError: bad thing" in log_file_content()
+    assert "Traceback (most recent call last)" in log_file_content()
+    body = MessagingAgent().get_n_latest_messages(1)[0].body.model_dump()
+    assert body["level"] == "EXCEPTION" and "Traceback" in body["body"]
+
+
+def test_secrets_never_reach_any_channel(capsys: Any) -> None:
+    logger = Logger("leaky", config_with(console_prints="DEBUG", message_sending="DEBUG"))
+    logger.warning("connecting with pa55-word-secret", details="password=pa55-word-secret")
+    outputs = [capsys.readouterr().out, log_file_content()]
+    outputs.append(
+        json.dumps([m.body.model_dump() for m in MessagingAgent().get_n_latest_messages(5)])
+    )
+    for output in outputs:
+        assert "pa55-word-secret" not in output
+        assert "**********" in output
+
+
+def test_without_config_defaults_apply_and_nothing_is_sent() -> None:
+    Logger("early").warning("no config yet")
+    assert "early - WARNING - no config yet" in log_file_content()
+    assert MessagingAgent().get_queue_depth() == 0
