@@ -30,6 +30,7 @@ from .logger import Logger
 
 _PR_SET_PDEATHSIG = 1
 _CONTEXT = multiprocessing.get_context("fork")
+_HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 ProcedureTarget = Callable[[Config, str], None]
 BackendTarget = Callable[[Config, str, multiprocessing.synchronize.Event], None]
@@ -56,13 +57,15 @@ def _child_entrypoint(
     parent_pid: int,
     error_pipe: multiprocessing.connection.Connection,
 ) -> None:
-    # the parent's handlers would start a second teardown inside the child
+    # the parent's handlers would start a second teardown inside the child;
+    # the signals stayed blocked from before the fork until they are replaced
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if variant == "procedure":
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     else:
         # a backend stops through its teardown indicator, draining first
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
     _die_with_parent(parent_pid)
     try:
         target(*args)
@@ -125,7 +128,11 @@ class LifecycleManager:
             name=f"{constants.NAME}-{self.name}",
             daemon=False,
         )
-        self.process.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
         writer.close()
         self.error_reader = reader
         self.started_at = time.time()

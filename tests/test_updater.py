@@ -1,0 +1,99 @@
+"""Pending configs for the running version: applied atomically, acknowledged;
+invalid, stale and version-changing ones rejected or ignored, nothing written."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from src import constants
+from src.types import Config, ForeignConfig
+from src.utils.logger import Logger
+from src.utils.messaging_agent import MessagingAgent
+from src.utils.updater import Updater
+from tests.conftest import template_config_dict
+
+pytestmark = [pytest.mark.quick, pytest.mark.updater]
+
+
+def make_updater() -> tuple[Updater, MessagingAgent]:
+    config = Config.model_validate(template_config_dict())
+    config.dump()
+    agent = MessagingAgent(config)
+    return Updater(config, Logger("updater-test", config), agent), agent
+
+
+def foreign(revision: int, **changes: Any) -> ForeignConfig:
+    config = template_config_dict()
+    config["general"]["config_revision"] = revision
+    for key, value in changes.items():
+        config[key] = value
+    return ForeignConfig.model_validate(config)
+
+
+def acknowledgements(agent: MessagingAgent) -> list[dict[str, Any]]:
+    return [
+        m.body.model_dump() for m in agent.get_n_latest_messages(100) if m.body.variant == "config"
+    ]
+
+
+def config_file() -> str:
+    with open(constants.CONFIG_PATH) as f:
+        return f.read()
+
+
+def test_same_version_config_is_written_and_acknowledged() -> None:
+    updater, agent = make_updater()
+    new = updater.handle(
+        foreign(
+            5,
+            dummy_procedure={"seconds_between_datapoints": 3},
+            backend={
+                "provider": "tenta",
+                "mqtt_host": "localhost",
+                "mqtt_client_id": "c",
+                "mqtt_password": "pw-secret-1",
+            },
+        )
+    )
+    assert new is not None and new.general.config_revision == 5
+    on_disk = Config.load()
+    assert on_disk.dummy_procedure is not None
+    assert on_disk.dummy_procedure.seconds_between_datapoints == 3
+    acks = acknowledgements(agent)
+    assert [a["status"] for a in acks] == ["received", "accepted"]
+    assert "pw-secret-1" not in json.dumps(acks)
+    assert acks[1]["config"]["backend"]["mqtt_password"] == "**********"
+
+
+def test_invalid_config_is_rejected_naming_the_field_and_nothing_written() -> None:
+    updater, agent = make_updater()
+    before = config_file()
+    assert updater.handle(foreign(2, dummy_procedure={"seconds_between_datapoints": 0})) is None
+    assert config_file() == before
+    rejected = acknowledgements(agent)[-1]
+    assert rejected["status"] == "rejected"
+    assert "dummy_procedure.seconds_between_datapoints" in rejected["reason"]
+    assert "(got 0)" in rejected["reason"]
+
+
+def test_stale_and_duplicate_revisions_are_ignored() -> None:
+    updater, agent = make_updater()
+    assert updater.handle(foreign(3)) is not None
+    assert updater.handle(foreign(3)) is None  # a replay
+    assert updater.handle(foreign(1)) is None  # older
+    assert [a["status"] for a in acknowledgements(agent)] == ["received", "accepted"]
+
+
+def test_version_change_is_refused_and_leaves_the_config_alone() -> None:
+    updater, agent = make_updater()
+    before = config_file()
+    config = foreign(4)
+    config.general.software_version.root = "9.9.9"
+    assert updater.handle(config) is None
+    assert config_file() == before
+    rejected = acknowledgements(agent)[-1]
+    assert rejected["status"] == "rejected"
+    assert rejected["reason"].startswith("general.software_version: 9.9.9 differs")
