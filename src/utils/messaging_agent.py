@@ -1,12 +1,17 @@
 """The durable message queue (SQLite, WAL) and the daily message archive.
 
-`add_message` commits the queue row and an archive-outbox row in one SQLite
-transaction, so one fsync makes the message durable in both. The outbox is then
-appended to `messages/YYYY-MM-DD.jsonl` in batches (`flush_archive`, run by the
-main loop every few seconds), one fsync per batch; `load_message_archive` reads
-the file and the outbox together, so nothing is missing in between. This keeps
-`add_message` close to the cost of a raw SQLite commit instead of paying a
-second fsync for the archive file.
+The queue doubles as the archive's outbox: rows get ever-growing ids
+(AUTOINCREMENT, never reused), and the counter `archived_up_to` marks how far
+they have been appended to `messages/YYYY-MM-DD.jsonl`. So `add_message` is one
+INSERT and one fsync (the commit) and is durable in the queue and for the
+archive at once; `flush_archive` (the main loop, every few seconds) appends the
+rows above the mark in batches with one fsync per batch. No row is deleted
+before it is archived: `remove_messages` and the size cap flush first.
+`load_message_archive` reads the file plus the rows not yet flushed.
+
+A message's identifier is `<prefix>-<row id>`: the prefix is random, made once
+per queue database, so identifiers are unique across stations and stable
+across redeliveries without being stored.
 
 Every process opens its own `MessagingAgent`; SQLite's locking serializes them.
 """
@@ -17,9 +22,9 @@ import contextlib
 import datetime
 import json
 import os
+import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -28,34 +33,29 @@ import pydantic
 from src import constants
 from src.types import Config, MessageArchiveItem, MessageBody, MessageQueueItem, StorageConfig
 
-from .functions import utc_date_string
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS queue (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    identifier TEXT NOT NULL,
-    timestamp REAL NOT NULL,
-    variant TEXT NOT NULL,
-    config_revision INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS archive_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    date TEXT NOT NULL,
-    line TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-) WITHOUT ROWID;
-INSERT OR IGNORE INTO counters (name, value) SELECT 'queued', count(*) FROM queue;
-INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
-"""
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        timestamp REAL NOT NULL,
+        variant TEXT NOT NULL,
+        config_revision INTEGER NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "INSERT OR IGNORE INTO counters (name, value) SELECT 'queued', count(*) FROM queue",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0)",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('archived_up_to', 0)",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('identifier_prefix', ?)",
+]
 
 # the order in which the size cap drops messages: data first, config answers last
 _DROP_ORDER = ("data", "log", "config")
 _SQLITE_MAX_PARAMETERS = 900
 _ARCHIVE_FLUSH_BATCH = 5_000
+_ROW_COLUMNS = "id, timestamp, variant, config_revision, body"
 
 
 class QueueRow(NamedTuple):
@@ -63,11 +63,28 @@ class QueueRow(NamedTuple):
     can forward it without a round trip through pydantic."""
 
     id: int
-    identifier: str
     timestamp: float
     variant: str
     config_revision: int
     body: str
+
+
+class _UtcDay:
+    """The UTC date of timestamps that mostly fall on the same day, without a
+    strftime per row."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.name = ""
+
+    def of(self, timestamp: float) -> str:
+        if not self.start <= timestamp < self.end:
+            day = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).date()
+            start = datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc)
+            self.start = start.timestamp()
+            self.end = self.start + 86_400
+            self.name = day.isoformat()
+        return self.name
 
 
 class MessagingAgent:
@@ -85,19 +102,19 @@ class MessagingAgent:
         self.config_revision = config.general.config_revision if config is not None else 0
         self.max_queued_messages = storage.max_queued_messages
         queue_path = queue_path or constants.MESSAGE_QUEUE_PATH
-        archive_dir = archive_dir or constants.MESSAGE_ARCHIVE_DIR
-        self.archive_dir = archive_dir
+        self.archive_dir = archive_dir or constants.MESSAGE_ARCHIVE_DIR
         os.makedirs(os.path.dirname(os.path.abspath(queue_path)), exist_ok=True)
-        os.makedirs(archive_dir, exist_ok=True)
+        os.makedirs(self.archive_dir, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below)
         self.connection = sqlite3.connect(queue_path, timeout=60, isolation_level=None)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute(f"PRAGMA synchronous={storage.sqlite_synchronous}")
         self.connection.execute("PRAGMA busy_timeout=60000")
         with self._transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self.connection.execute(statement)
+            for statement in _SCHEMA:
+                parameters = (secrets.randbits(62),) if "?" in statement else ()
+                self.connection.execute(statement, parameters)
+        self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
 
     def close(self) -> None:
         """Close the connection; the agent cannot be used afterwards."""
@@ -106,7 +123,7 @@ class MessagingAgent:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception: a failed add
-        leaves neither a queue row nor an archive row behind."""
+        leaves no row behind."""
         self.connection.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -115,10 +132,14 @@ class MessagingAgent:
             raise
         self.connection.execute("COMMIT")
 
+    def identifier_of(self, row_id: int) -> str:
+        """The stable identifier of the message in row `row_id`."""
+        return f"{self.identifier_prefix}-{row_id}"
+
     # --- producing -------------------------------------------------------------
 
     def add_message(self, body: MessageBody, timestamp: float | None = None) -> str:
-        """Queue and archive one message; return its identifier once both are
+        """Queue and archive one message; return its identifier once it is
         durable on disk. Called by procedures, the logger and the updater."""
         return self.add_messages([body], timestamp)[0]
 
@@ -127,35 +148,31 @@ class MessagingAgent:
     ) -> list[str]:
         """Queue and archive many messages in one transaction (one fsync); return
         their identifiers in order. Called by procedures that measure in bursts."""
+        if not bodies:
+            return []
         now = time.time() if timestamp is None else timestamp
-        date = utc_date_string(now)
         revision = self.config_revision
-        queue_rows: list[tuple[str, float, str, int, str]] = []
-        archive_rows: list[tuple[str, str]] = []
-        for body in bodies:
-            identifier = uuid.uuid4().hex
-            body_json = body.model_dump_json()
-            queue_rows.append((identifier, now, body.variant, revision, body_json))
-            archive_rows.append(
-                (
-                    date,
-                    f'{{"identifier":"{identifier}","timestamp":{now!r},'
-                    f'"config_revision":{revision},"body":{body_json}}}',
-                )
-            )
+        # what model_dump_json() calls, without its per-call argument handling:
+        # this is the hot path of every procedure
+        rows = [
+            (now, body.variant, revision, body.__pydantic_serializer__.to_json(body).decode())
+            for body in bodies
+        ]
         with self._transaction():
             self.connection.executemany(
-                "INSERT INTO queue (identifier, timestamp, variant, config_revision, body) "
-                "VALUES (?, ?, ?, ?, ?)",
-                queue_rows,
+                "INSERT INTO queue (timestamp, variant, config_revision, body) VALUES (?, ?, ?, ?)",
+                rows,
             )
-            self.connection.executemany(
-                "INSERT INTO archive_outbox (date, line) VALUES (?, ?)", archive_rows
-            )
-            queued = self._add_to_counter("queued", len(queue_rows))
+            # AUTOINCREMENT under BEGIN IMMEDIATE: this transaction's ids are
+            # contiguous and end at last_insert_rowid()
+            queued, last_id = self.connection.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'queued' "
+                "RETURNING value, last_insert_rowid()",
+                (len(rows),),
+            ).fetchone()
             if queued > self.max_queued_messages:
                 self._drop_oldest(queued - self.max_queued_messages)
-        return [row[0] for row in queue_rows]
+        return [self.identifier_of(i) for i in range(last_id - len(rows) + 1, last_id + 1)]
 
     def _add_to_counter(self, name: str, delta: int) -> int:
         row = self.connection.execute(
@@ -164,6 +181,7 @@ class MessagingAgent:
         return int(row[0])
 
     def _drop_oldest(self, excess: int) -> None:
+        self._flush_archive_in_transaction()  # dropped from the queue, not from the archive
         # drop a little more than needed so that a full queue does not pay for
         # this on every single add
         remaining = excess + max(1, self.max_queued_messages // 100)
@@ -193,8 +211,7 @@ class MessagingAgent:
         cursor_id = 0
         while len(result) < n:
             chunk = self.connection.execute(
-                "SELECT id, identifier, timestamp, variant, config_revision, body FROM queue "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ROW_COLUMNS} FROM queue WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608
                 (cursor_id, n - len(result) + min(len(excluded), 1_000)),
             ).fetchall()
             if not chunk:
@@ -214,7 +231,7 @@ class MessagingAgent:
         return [
             MessageQueueItem(
                 id=row.id,
-                identifier=row.identifier,
+                identifier=self.identifier_of(row.id),
                 timestamp=row.timestamp,
                 config_revision=row.config_revision,
                 body=json.loads(row.body),
@@ -223,11 +240,14 @@ class MessagingAgent:
         ]
 
     def remove_messages(self, message_ids: Sequence[int]) -> None:
-        """Delete rows whose delivery the broker has acknowledged. Ids that are
-        already gone (dropped by the size cap) are ignored. Called by the backend."""
+        """Delete rows whose delivery the broker has acknowledged (archiving them
+        first if the main loop has not yet). Ids that are already gone (dropped
+        by the size cap) are ignored. Called by the backend."""
         if not message_ids:
             return
         with self._transaction():
+            if max(message_ids) > self._read_counter("archived_up_to"):
+                self._flush_archive_in_transaction()
             removed = 0
             for start in range(0, len(message_ids), _SQLITE_MAX_PARAMETERS):
                 chunk = message_ids[start : start + _SQLITE_MAX_PARAMETERS]
@@ -264,26 +284,47 @@ class MessagingAgent:
     # --- archive ----------------------------------------------------------------
 
     def flush_archive(self) -> int:
-        """Append the archive outbox to the daily JSONL files (fsynced) and empty
-        it; return the number of lines written. Called by the main loop every few
-        seconds and at shutdown. A crash between the append and the commit can
-        write a line twice; `load_message_archive` drops such duplicates."""
+        """Append the queued rows not yet archived to the daily JSONL files
+        (fsynced) and advance the mark; return the number of lines written.
+        Called by the main loop every few seconds and at shutdown. A crash
+        between the append and the commit can write a line twice;
+        `load_message_archive` drops such duplicates."""
+        with self._transaction():
+            return self._flush_archive_in_transaction()
+
+    def _flush_archive_in_transaction(self) -> int:
         written = 0
+        archived_up_to = self._read_counter("archived_up_to")
+        day = _UtcDay()
         while True:
-            with self._transaction():
-                rows = self.connection.execute(
-                    "SELECT id, date, line FROM archive_outbox ORDER BY id LIMIT ?",
-                    (_ARCHIVE_FLUSH_BATCH,),
-                ).fetchall()
-                if not rows:
-                    return written
-                lines_per_date: dict[str, list[str]] = {}
-                for _, date, line in rows:
-                    lines_per_date.setdefault(date, []).append(line)
-                for date, lines in lines_per_date.items():
-                    self._append_to_archive_file(date, lines)
-                self.connection.execute("DELETE FROM archive_outbox WHERE id <= ?", (rows[-1][0],))
-                written += len(rows)
+            rows = self.connection.execute(
+                f"SELECT {_ROW_COLUMNS} FROM queue WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608
+                (archived_up_to, _ARCHIVE_FLUSH_BATCH),
+            ).fetchall()
+            if not rows:
+                return written
+            lines_per_day: dict[str, list[str]] = {}
+            prefix = self.identifier_prefix
+            for row_id, timestamp, _, revision, body in rows:
+                lines_per_day.setdefault(day.of(timestamp), []).append(
+                    f'{{"identifier":"{prefix}-{row_id}","timestamp":{timestamp!r},'
+                    f'"config_revision":{revision},"body":{body}}}'
+                )
+            for name, lines in lines_per_day.items():
+                self._append_to_archive_file(name, lines)
+            archived_up_to = rows[-1][0]
+            self.connection.execute(
+                "UPDATE counters SET value = ? WHERE name = 'archived_up_to'", (archived_up_to,)
+            )
+            written += len(rows)
+
+    def _archive_line(
+        self, row_id: int, timestamp: float, variant: str, config_revision: int, body: str
+    ) -> str:
+        return (
+            f'{{"identifier":"{self.identifier_prefix}-{row_id}","timestamp":{timestamp!r},'
+            f'"config_revision":{config_revision},"body":{body}}}'
+        )
 
     def _append_to_archive_file(self, date: str, lines: list[str]) -> None:
         path = os.path.join(self.archive_dir, f"{date}.jsonl")
@@ -296,18 +337,26 @@ class MessagingAgent:
 
     def load_message_archive(self, date: datetime.date | str) -> list[MessageArchiveItem]:
         """Every archived message of a UTC day, in the order written: the JSONL file
-        plus what still waits in the outbox. Lines that do not parse (a torn last
-        line after a power loss) are skipped. Called by tests and operators."""
-        date_string = date if isinstance(date, str) else date.isoformat()
+        plus the queued rows not yet flushed to it. Lines that do not parse (a
+        torn last line after a power loss) are skipped. Called by tests and
+        operators."""
+        day = datetime.date.fromisoformat(date) if isinstance(date, str) else date
         lines: list[str] = []
-        path = os.path.join(self.archive_dir, f"{date_string}.jsonl")
+        path = os.path.join(self.archive_dir, f"{day.isoformat()}.jsonl")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 lines.extend(f.read().splitlines())
+        day_start = datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc)
         lines.extend(
-            row[0]
+            self._archive_line(*row)
             for row in self.connection.execute(
-                "SELECT line FROM archive_outbox WHERE date = ? ORDER BY id", (date_string,)
+                f"SELECT {_ROW_COLUMNS} FROM queue "  # noqa: S608
+                "WHERE id > ? AND timestamp >= ? AND timestamp < ? ORDER BY id",
+                (
+                    self._read_counter("archived_up_to"),
+                    day_start.timestamp(),
+                    day_start.timestamp() + 86_400,
+                ),
             )
         )
         items: list[MessageArchiveItem] = []
