@@ -259,6 +259,14 @@ def config_show() -> None:
     click.echo(_load_config_or_fail().to_json())
 
 
+@config.command("reference")
+def config_reference() -> None:
+    """Print the config reference (Markdown), generated from the schema."""
+    from src.utils.config_reference import render_config_reference
+
+    click.echo(render_config_reference(), nl=False)
+
+
 @cli.command()
 @click.argument("kind", type=click.Choice(["systemd", "cron"]))
 def boot(kind: str) -> None:

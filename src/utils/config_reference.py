@@ -1,0 +1,112 @@
+"""Render the config reference (Markdown) from the pydantic schema, so that the
+README cannot drift from the code. Called by `ivy config reference`."""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+from typing import Any
+
+import pydantic
+from pydantic.fields import FieldInfo
+
+from src.types import Config
+
+_CONSTRAINT_NAMES = {
+    "ge": ">=",
+    "gt": ">",
+    "le": "<=",
+    "lt": "<",
+    "min_length": "min length",
+    "max_length": "max length",
+    "pattern": "pattern",
+}
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(json.dumps(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.SecretStr):
+        return "string (secret)"
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.RootModel):
+        return "string (version)"
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return "object"
+    return {str: "string", int: "integer", bool: "boolean", float: "number"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _constraints(field: FieldInfo) -> str:
+    found: list[str] = []
+    for item in field.metadata:
+        for attribute, label in _CONSTRAINT_NAMES.items():
+            value = getattr(item, attribute, None)
+            if value is not None:
+                if attribute == "pattern":
+                    found.append(f"{label} `{str(value).replace('|', chr(92) + '|')}`")
+                else:
+                    found.append(f"{label} {value}")
+    return ", ".join(found)
+
+
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return "(section defaults)"
+    return f"`{json.dumps(field.default)}`"
+
+
+def _section_model(annotation: Any) -> type[pydantic.BaseModel] | None:
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel):
+            if not issubclass(candidate, pydantic.RootModel):
+                return candidate
+    return None
+
+
+def _render_model(model: type[pydantic.BaseModel], prefix: str, out: list[str]) -> None:
+    nested: list[tuple[str, type[pydantic.BaseModel]]] = []
+    out.append("| key | type | default | constraints | meaning |")
+    out.append("|---|---|---|---|---|")
+    for name, field in model.model_fields.items():
+        sub = _section_model(field.annotation)
+        if sub is not None:
+            nested.append((f"{prefix}.{name}", sub))
+        description = re.sub(r"\s+", " ", field.description or "")
+        out.append(
+            f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | "
+            f"{_constraints(field)} | {description} |"
+        )
+    for path, sub in nested:
+        out.append("")
+        out.append(f"#### `{path}`")
+        out.append("")
+        _render_model(sub, path, out)
+
+
+def render_config_reference() -> str:
+    """The whole reference: one table per section of `Config`."""
+    out: list[str] = []
+    for name, field in Config.model_fields.items():
+        section = _section_model(field.annotation)
+        assert section is not None
+        nullable = type(None) in typing.get_args(field.annotation)
+        out.append(f"### `{name}`" + (" (optional: `null` turns it off)" if nullable else ""))
+        out.append("")
+        if section.__doc__ and "A config section" not in section.__doc__:
+            out.append(section.__doc__.strip())
+            out.append("")
+        _render_model(section, name, out)
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

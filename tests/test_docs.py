@@ -1,0 +1,41 @@
+"""The README stays true: the generated config reference, the two quick-start
+commands, and CI calling the README's test command."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from src.utils.config_reference import render_config_reference
+from tests.conftest import PROJECT_DIR
+
+pytestmark = pytest.mark.quick
+
+
+def read(*parts: str) -> str:
+    with open(os.path.join(PROJECT_DIR, *parts)) as f:
+        return f.read()
+
+
+def test_config_reference_in_readme_is_the_generated_one() -> None:
+    readme = read("README.md")
+    match = re.search(
+        r"<!-- config-reference:start -->\n(.*)<!-- config-reference:end -->", readme, re.S
+    )
+    assert match is not None
+    assert match.group(1) == render_config_reference(), "run: ivy config reference"
+
+
+def test_every_config_field_is_described() -> None:
+    reference = render_config_reference()
+    rows = [line for line in reference.splitlines() if line.startswith("| `")]
+    assert rows and all(not line.rstrip().endswith("|  |") for line in rows)
+
+
+def test_quick_start_commands_exist_and_ci_runs_the_test_command() -> None:
+    readme = read("README.md")
+    assert "bash .ci/setup && .venv/bin/ivy config init && .venv/bin/ivy start" in readme
+    assert "\nbash .ci/test\n" in readme
+    assert "bash .ci/test" in read(".ci", "run")
