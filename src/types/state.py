@@ -56,3 +56,6 @@ class State(pydantic.BaseModel):
     system: SystemState = Field(default_factory=SystemState)
     dummy_procedure: DummyProcedureState = Field(default_factory=DummyProcedureState)
     pending_configs: list[ForeignConfig] = Field(default_factory=list)
+    # the highest config revision that was accepted or rejected, so that a
+    # retained config is not judged again at every reconnect
+    highest_handled_config_revision: int | None = None

@@ -201,14 +201,16 @@ class MessagingAgent:
 
     # --- sending ----------------------------------------------------------------
 
-    def get_n_latest_rows(self, n: int, excluded_message_ids: Iterable[int] = ()) -> list[QueueRow]:
-        """The `n` oldest queued rows (FIFO) whose id is not excluded, e.g. because
-        they are already in flight. Walks the primary key from the oldest row, so
-        the cost depends on `n` and on how many excluded rows it passes, not on
-        the queue length. Called by the backend's drain loop."""
+    def get_n_latest_rows(
+        self, n: int, excluded_message_ids: Iterable[int] = (), after_id: int = 0
+    ) -> list[QueueRow]:
+        """The `n` oldest queued rows (FIFO) with an id above `after_id` that is
+        not excluded, e.g. because they are already in flight. Walks the primary
+        key, so the cost depends on `n` and on how many excluded rows it passes,
+        not on the queue length. Called by the backend's drain loop."""
         excluded = set(excluded_message_ids)
         result: list[QueueRow] = []
-        cursor_id = 0
+        cursor_id = after_id
         while len(result) < n:
             chunk = self.connection.execute(
                 f"SELECT {_ROW_COLUMNS} FROM queue WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608

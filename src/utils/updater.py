@@ -17,6 +17,17 @@ from src.types import Config, ConfigError, ConfigMessageBody, ForeignConfig, red
 
 from .logger import Logger
 from .messaging_agent import MessagingAgent
+from .state_interface import StateInterface
+
+
+def mark_config_revision_handled(revision: int) -> None:
+    """Remember that a revision was accepted or rejected, so that a retained
+    copy arriving again after a reconnect is not judged twice. Called by the
+    updater and by backends that reject a config on arrival."""
+    with StateInterface.update() as state:
+        state.highest_handled_config_revision = max(
+            revision, state.highest_handled_config_revision or revision
+        )
 
 
 class Updater:
@@ -59,11 +70,13 @@ class Updater:
 
         new_config.dump()
         self.config = new_config
+        mark_config_revision_handled(revision)
         self._acknowledge(foreign_config, "accepted")
         self.logger.info(f"accepted config revision {revision}; restarting procedures and backend")
         return new_config
 
     def _reject(self, foreign_config: ForeignConfig, reason: str) -> None:
+        mark_config_revision_handled(foreign_config.general.config_revision)
         self.logger.warning(
             f"rejected config revision {foreign_config.general.config_revision}", details=reason
         )

@@ -1,0 +1,185 @@
+"""The one MQTT connection layer every provider uses (paho-mqtt 2.x).
+
+Persistent session, subscriptions renewed in `on_connect` (so they survive
+reconnects), TLS, and reconnection with capped exponential backoff inside the
+process: a broker outage is not a crash. Connection problems are logged once
+per change of state, not once per retry. paho's network thread only puts
+events on queues; the backend's own thread does all the work.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+from collections.abc import Sequence
+from typing import Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from src.types import BackendConfig
+from src.utils.logger import Logger
+
+_KEEPALIVE_SECONDS = 30
+_RECONNECT_MIN_DELAY = 1
+_RECONNECT_MAX_DELAY = 60
+# MQTT 5: how long the broker keeps our session (queued configs) while offline
+_SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
+
+
+class MQTTConnection:
+    """A paho client wired for Ivy. Used by the backend process only."""
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        logger: Logger,
+        subscriptions: Sequence[str],
+        publishes_on_connect: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Configure (but do not connect) the client."""
+        self.config = config
+        self.logger = logger
+        self.subscriptions = list(subscriptions)
+        self.publishes_on_connect = list(publishes_on_connect)
+        # events from paho's network thread, consumed by the backend's thread
+        self.acknowledged: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self.received: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self.wakeup = threading.Event()
+        self._connected = threading.Event()
+        self._last_state: str | None = None
+
+        v5 = config.mqtt_protocol == "5"
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.mqtt_client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        if config.mqtt_username is not None or config.mqtt_password is not None:
+            self.client.username_pw_set(
+                config.mqtt_username or "",
+                config.mqtt_password.get_secret_value() if config.mqtt_password else None,
+            )
+        if config.tls is not None:
+            self.client.tls_set(
+                ca_certs=config.tls.ca_file,
+                certfile=config.tls.client_cert_file,
+                keyfile=config.tls.client_key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            self.client.tls_insecure_set(not config.tls.check_hostname)
+        self.client.max_inflight_messages_set(config.max_parallel_messages)
+        self.client.max_queued_messages_set(0)  # unbounded: the drain loop bounds it
+        self.client.reconnect_delay_set(_RECONNECT_MIN_DELAY, _RECONNECT_MAX_DELAY)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    @property
+    def address(self) -> str:
+        """host:port of the broker, for log lines."""
+        return f"{self.config.mqtt_host}:{self.config.mqtt_port}"
+
+    def start(self) -> None:
+        """Connect in the background; paho's thread retries until it succeeds."""
+        properties = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # ignored by 3.1.1
+        if self.config.mqtt_protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = _SESSION_EXPIRY_SECONDS
+            clean_start = False
+        self.client.connect_async(
+            self.config.mqtt_host,
+            self.config.mqtt_port,
+            keepalive=_KEEPALIVE_SECONDS,
+            clean_start=clean_start,
+            properties=properties,
+        )
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly and stop paho's thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def is_connected(self) -> bool:
+        """Whether the broker has accepted our connection right now."""
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Publish with QoS 1 and return the message id; paho keeps the message
+        (and resends it after a reconnect) until its PUBACK arrives."""
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return info.mid
+
+    def _log_state(self, state: str, failure: bool) -> None:
+        if state == self._last_state:
+            return
+        self._last_state = state
+        if failure:
+            self.logger.warning(
+                f"MQTT {state}; retrying with backoff up to {_RECONNECT_MAX_DELAY} s"
+            )
+        else:
+            self.logger.info(f"MQTT {state}")
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._log_state(f"broker {self.address} refused the connection: {reason_code}", True)
+            return
+        self._connected.set()
+        self._log_state(f"connected to {self.address}", False)
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        for topic, payload in self.publishes_on_connect:
+            client.publish(topic, payload, qos=1)
+        self.wakeup.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self._log_state(f"cannot reach the broker at {self.address}", True)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and reason_code.is_failure:
+            self._log_state(f"lost the connection to {self.address}: {reason_code}", True)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # MQTT 5 brokers can refuse a publish in its PUBACK
+        self.acknowledged.put((mid, not reason_code.is_failure))
+        self.wakeup.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self.received.put((message.topic, bytes(message.payload)))
+        self.wakeup.set()

@@ -1,0 +1,479 @@
+"""The MQTT backends against a real Mosquitto: delivery, payload shapes,
+outages, crashes, TLS, logins and configs. Every test counts messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from src import constants
+from src.types import Config, ConfigMessageBody, DataMessageBody, LogMessageBody
+from src.utils.functions import utc_date_string
+from src.utils.messaging_agent import MessagingAgent
+from src.utils.state_interface import StateInterface
+from tests.conftest import PROJECT_DIR, Station, template_config_dict, wait_until
+from tests.mqtt_helpers import (
+    Broker,
+    Subscriber,
+    broker_fixture,
+    make_certificates,
+    publish,
+    wait_for_items,
+)
+
+pytestmark = pytest.mark.integration
+
+STATION = "station-1"
+TENTA_TOPICS = [f"measurements/{STATION}", f"logs/{STATION}", f"acknowledgments/{STATION}"]
+
+
+@pytest.fixture
+def broker(tmp_path: Any) -> Iterator[Broker]:
+    yield from broker_fixture(str(tmp_path / "broker"))
+
+
+def config_dict(port: int, provider: str = "tenta", **backend: Any) -> dict[str, Any]:
+    config = template_config_dict()
+    config["general"]["system_identifier"] = STATION
+    config["general"]["config_revision"] = 3
+    config["backend"] = {
+        "provider": provider,
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": port,
+        "mqtt_client_id": f"ivy-{STATION}-{provider}",
+        "max_drain_time": 30,
+        **backend,
+    }
+    return config
+
+
+class BackendProcess:
+    """tests/backend_runner.py in its own process, on this test's data dir."""
+
+    def __init__(self, data_dir: str, config: dict[str, Any]) -> None:
+        self.config_path = os.path.join(data_dir, "backend-config.json")
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)
+        self.env = {**os.environ, "IVY_DATA_DIR": data_dir}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(PROJECT_DIR, "tests", "backend_runner.py"),
+                self.config_path,
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=20)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BackendProcess]]:
+    started: list[BackendProcess] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.kill()
+
+
+def start_backend(
+    processes: list[BackendProcess], data_dir: str, config: dict[str, Any]
+) -> BackendProcess:
+    process = BackendProcess(data_dir, config)
+    process.start()
+    processes.append(process)
+    return process
+
+
+def agent_for(config: dict[str, Any]) -> MessagingAgent:
+    return MessagingAgent(Config.model_validate(config))
+
+
+def log_text() -> str:
+    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def serial_numbers(items: list[dict[str, Any]], key: str = "identifier") -> list[int]:
+    return [int(item[key].rsplit("-", 1)[1]) for item in items]
+
+
+# --- delivery and payload shapes ------------------------------------------------
+
+
+def test_tenta_delivers_everything_in_order_with_the_documented_shape(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port, max_payload_bytes=4_000)
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, TENTA_TOPICS)
+    n = 1_000
+    measured_at = 1_700_000_000.25
+    ids = agent.add_messages(
+        [DataMessageBody(data={"co2": i + 0.5, "n": i}) for i in range(n)], measured_at
+    )
+    mixed_id = agent.add_message(DataMessageBody(data={"t": 1.5, "sensor": "A1"}), measured_at)
+    log_id = agent.add_message(
+        LogMessageBody(level="WARNING", subject="fan", body="slow"), measured_at
+    )
+    accepted_id = agent.add_message(
+        ConfigMessageBody(status="accepted", config_revision=4, software_version="0.1.0"),
+        measured_at,
+    )
+    rejected_id = agent.add_message(
+        ConfigMessageBody(
+            status="rejected", config_revision=5, software_version="0.1.0", reason="x: bad"
+        ),
+        measured_at,
+    )
+    start_backend(processes, data_dir, config)
+
+    assert wait_for_items(subscriber, "measurements/", n + 1, timeout=60)
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=30)
+    measurements = subscriber.items(f"measurements/{STATION}")
+    assert len(measurements) == n + 1
+    assert [m["identifier"] for m in measurements] == [*ids, mixed_id]  # all, in order
+    first = measurements[0]
+    assert set(first) == {"value", "timestamp", "revision", "identifier"}
+    assert first["value"] == {"co2": 0.5, "n": 0}
+    assert first["timestamp"] == measured_at  # the measurement's own time
+    assert first["revision"] == 3
+    assert measurements[-1]["value"] == {"t": 1.5}  # strings went to the logs
+
+    assert wait_for_items(subscriber, "logs/", 3, timeout=30)
+    logs = {item["identifier"]: item for item in subscriber.items(f"logs/{STATION}")}
+    assert logs[mixed_id] == {
+        "message": "sensor: A1",
+        "severity": "info",
+        "timestamp": measured_at,
+        "revision": 3,
+        "identifier": mixed_id,
+    }
+    assert logs[log_id]["severity"] == "warning" and logs[log_id]["message"] == "fan\nslow"
+    assert logs[rejected_id]["severity"] == "error" and "x: bad" in logs[rejected_id]["message"]
+    assert wait_for_items(subscriber, "acknowledgments/", 2, timeout=30)
+    acks = {item["identifier"]: item for item in subscriber.items(f"acknowledgments/{STATION}")}
+    assert acks[accepted_id] == {
+        "revision": 4,
+        "success": True,
+        "timestamp": measured_at,
+        "identifier": accepted_id,
+    }
+    assert acks[rejected_id]["success"] is False and acks[rejected_id]["revision"] == 5
+    # bounded payloads: many publishes, each within max_payload_bytes
+    with subscriber.lock:
+        sizes = [
+            len(payload)
+            for topic, payload in subscriber.messages
+            if topic.startswith("measurements/")
+        ]
+    assert len(sizes) > 10 and max(sizes) <= 4_000
+    subscriber.close()
+
+
+def test_thingsboard_delivers_telemetry_arrays(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port, provider="thingsboard")
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"])
+    ids = agent.add_messages(
+        [DataMessageBody(data={"co2": float(i), "s": "ok"}) for i in range(500)], 1_700_000_000.5
+    )
+    log_id = agent.add_message(
+        LogMessageBody(level="ERROR", subject="s", body="b"), 1_700_000_001.0
+    )
+    ack_id = agent.add_message(
+        ConfigMessageBody(
+            status="rejected", config_revision=7, software_version="0.1.0", reason="r"
+        ),
+        1_700_000_002.0,
+    )
+    start_backend(processes, data_dir, config)
+    assert wait_for_items(subscriber, "v1/", 502, timeout=60)
+    items = subscriber.items("v1/devices/me/telemetry")
+    assert [i["values"]["message_identifier"] for i in items] == [*ids, log_id, ack_id]
+    assert items[0] == {
+        "ts": 1_700_000_000_500,
+        "values": {"co2": 0.0, "s": "ok", "message_identifier": ids[0]},
+    }
+    assert items[500]["values"] == {
+        "log_level": "ERROR",
+        "log_subject": "s",
+        "log_body": "b",
+        "message_identifier": log_id,
+    }
+    assert items[501]["values"]["config_status"] == "rejected"
+    assert (
+        items[501]["values"]["config_revision"] == 7
+        and items[501]["values"]["config_reason"] == "r"
+    )
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=30)
+    subscriber.close()
+
+
+# --- outages and crashes ---------------------------------------------------------
+
+
+def test_broker_outage_loses_nothing(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port)
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="outage-subscriber")
+    start_backend(processes, data_dir, config)
+    produced: list[str] = []
+    for i in range(40):  # a stream: 40 batches of 50 while the broker goes away and back
+        produced += agent.add_messages([DataMessageBody(data={"i": i * 50 + j}) for j in range(50)])
+        if i == 10:
+            broker.stop()
+            time.sleep(1.0)
+            # nothing was deleted without its PUBACK: every message is either
+            # still queued or was received
+            queued = {agent.identifier_of(r.id) for r in agent.get_n_latest_rows(1_000_000)}
+            received = {m["identifier"] for m in subscriber.items("measurements/")}
+            assert set(produced) <= queued | received
+        if i == 25:
+            broker.start()
+        time.sleep(0.1)
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=90, interval=0.2), broker.log()
+    assert wait_for_items(subscriber, "measurements/", len(set(produced)), timeout=60)
+    received_ids = [m["identifier"] for m in subscriber.items("measurements/")]
+    missing = set(produced) - set(received_ids)
+    duplicates = len(received_ids) - len(set(received_ids))
+    print(f"produced {len(produced)}, received {len(received_ids)} ({duplicates} duplicates)")
+    assert missing == set()
+    assert log_text().count("lost the connection") <= 1
+    subscriber.close()
+
+
+def test_backend_killed_mid_drain_loses_nothing(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port, max_parallel_messages=4, max_payload_bytes=2_000)
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="crash-subscriber")
+    produced = agent.add_messages([DataMessageBody(data={"i": i}) for i in range(5_000)])
+    first = start_backend(processes, data_dir, config)
+    assert wait_for_items(subscriber, "measurements/", 1_000, timeout=60)
+    first.kill()
+    delivered_before_restart = len(subscriber.items("measurements/"))
+    start_backend(processes, data_dir, config)
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=90, interval=0.2)
+    assert wait_for_items(subscriber, "measurements/", 5_000, timeout=60)
+    received = [m["identifier"] for m in subscriber.items("measurements/")]
+    duplicates = len(received) - len(set(received))
+    print(
+        f"killed after {delivered_before_restart} delivered; "
+        f"{len(received)} received, {duplicates} duplicates"
+    )
+    assert set(received) == set(produced)
+    assert delivered_before_restart < 5_000  # the kill did land in the middle
+    subscriber.close()
+
+
+# --- TLS and logins --------------------------------------------------------------
+
+
+def test_tls_works_with_the_ca_and_is_refused_without(
+    tmp_path: Any, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    certificates = make_certificates(str(tmp_path / "certs"))
+    broker = Broker(str(tmp_path / "tls-broker"), tls=certificates)
+    broker.start()
+    try:
+        agent = agent_for(config_dict(broker.port))
+        ids = agent.add_messages([DataMessageBody(data={"i": i}) for i in range(20)])
+        without_ca = start_backend(processes, data_dir, config_dict(broker.port, tls={}))
+        assert wait_until(lambda: "cannot reach the broker" in log_text(), timeout=30)
+        time.sleep(2)
+        data_rows = [r for r in agent.get_n_latest_rows(1_000) if r.variant == "data"]
+        assert len(data_rows) == 20  # nothing went out over an unverified link
+        assert without_ca.alive()
+        without_ca.kill()
+
+        with_ca = start_backend(
+            processes, data_dir, config_dict(broker.port, tls={"ca_file": certificates["ca"]})
+        )
+        assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=60)
+        assert with_ca.stop() == 0
+        assert len(ids) == 20
+    finally:
+        broker.stop()
+
+
+def test_wrong_password_is_logged_once_and_retried(
+    tmp_path: Any, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    broker = Broker(str(tmp_path / "auth-broker"), users={"station": "right-password"})
+    broker.start()
+    try:
+        config = config_dict(
+            broker.port, mqtt_username="station", mqtt_password="wrong-password-123"
+        )
+        agent = agent_for(config)
+        agent.add_message(DataMessageBody(data={"x": 1}))
+        wrong = start_backend(processes, data_dir, config)
+        assert wait_until(lambda: "refused the connection" in log_text(), timeout=30)
+        time.sleep(4)  # several retries with backoff (1 s, 2 s, ...)
+        assert wrong.alive()
+        assert log_text().count("refused the connection") == 1
+        assert "wrong-password-123" not in log_text()
+        assert [r.variant for r in agent.get_n_latest_rows(100)].count("data") == 1
+        wrong.kill()
+
+        config["backend"]["mqtt_password"] = "right-password"
+        right = start_backend(processes, data_dir, config)
+        assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=30)
+        right.stop()
+    finally:
+        broker.stop()
+
+
+# --- configs ---------------------------------------------------------------------
+
+
+def pending_revisions() -> list[int]:
+    return [c.general.config_revision for c in StateInterface.load().pending_configs]
+
+
+def config_answers(agent: MessagingAgent) -> list[dict[str, Any]]:
+    return [
+        m.body.model_dump()
+        for m in agent.get_n_latest_messages(10_000)
+        if m.body.variant == "config"
+    ]
+
+
+def test_tenta_configs_retained_invalid_stale_and_duplicate(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port)
+    topic = f"configurations/{STATION}"
+    new_config = template_config_dict()
+    publish(broker.port, topic, {"revision": 10, "configuration": new_config}, retain=True)
+    start_backend(processes, data_dir, config)
+    assert wait_until(lambda: pending_revisions() == [10], timeout=30)  # retained, before connect
+
+    publish(broker.port, topic, {"revision": 10, "configuration": new_config})  # duplicate
+    publish(broker.port, topic, {"revision": 2, "configuration": new_config})  # stale
+    bad = template_config_dict()
+    bad["general"]["software_version"] = "one.two"
+    publish(broker.port, topic, {"revision": 11, "configuration": bad})  # invalid
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="config-subscriber")
+    assert wait_for_items(subscriber, "acknowledgments/", 1, timeout=30)
+    ack = subscriber.items("acknowledgments/")[0]
+    assert ack["revision"] == 11 and ack["success"] is False
+    assert wait_until(
+        lambda: any("general.software_version" in i["message"] for i in subscriber.items("logs/")),
+        timeout=30,
+    )
+    assert pending_revisions() == [10]
+    publish(broker.port, topic, "not an envelope")
+    time.sleep(1)
+    assert pending_revisions() == [10]
+    assert agent.get_queue_depth() == 0 or wait_until(
+        lambda: agent.get_queue_depth() == 0, timeout=30
+    )
+    subscriber.close()
+
+
+def test_thingsboard_config_requested_at_connect_and_pushed(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(broker.port, provider="thingsboard")
+    shared = template_config_dict()
+    shared["general"]["config_revision"] = 20
+
+    # a stand-in for ThingsBoard's server side: answer attribute requests
+    server = Subscriber(broker.port, ["v1/devices/me/attributes/request/+"], client_id="tb-server")
+
+    def answer_requests() -> bool:
+        with server.lock:
+            requests = [t for t, _ in server.messages]
+            server.messages.clear()
+        for request_topic in requests:
+            number = request_topic.rsplit("/", 1)[1]
+            publish(
+                broker.port,
+                f"v1/devices/me/attributes/response/{number}",
+                {"shared": {"configuration": shared}},
+            )
+        return bool(requests)
+
+    start_backend(processes, data_dir, config)
+    assert wait_until(answer_requests, timeout=30)
+    assert wait_until(lambda: pending_revisions() == [20], timeout=30)
+
+    pushed = template_config_dict()
+    pushed["general"]["config_revision"] = 21
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(pushed)})
+    assert wait_until(lambda: pending_revisions() == [20, 21], timeout=30)
+
+    publish(
+        broker.port,
+        "v1/devices/me/attributes",
+        {"configuration": {"general": {"config_revision": 22}}},
+    )
+    agent = agent_for(config)
+    assert wait_until(
+        lambda: (
+            any(a["status"] == "rejected" for a in config_answers(agent))
+            or agent.get_queue_depth() == 0
+        ),
+        timeout=30,
+    )
+    assert wait_until(lambda: "general.software_version: Field required" in log_text(), timeout=30)
+    publish(broker.port, "v1/devices/me/attributes", {"other_attribute": 1})
+    time.sleep(0.5)
+    assert pending_revisions() == [20, 21]
+    server.close()
+
+
+def test_ivy_stop_drains_the_queue_through_a_live_broker(broker: Broker, station: Station) -> None:
+    """The whole station: 10,000 messages queued, `ivy start`, `ivy stop` at
+    once; procedures stop first, the backend drains everything, then stops."""
+    config = config_dict(broker.port, max_drain_time=60)
+    config["dummy_procedure"]["seconds_between_datapoints"] = 1
+    station.write_config(config)
+    agent = MessagingAgent(
+        Config.model_validate(config),
+        station.path("active-message-queue.sqlite3"),
+        station.path("messages"),
+    )
+    produced = agent.add_messages([DataMessageBody(data={"i": i}) for i in range(10_000)])
+    subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="drain-subscriber")
+    started = station.cli("start")
+    assert started.returncode == 0, started.stderr
+    stopped = station.cli("stop", timeout=180)
+    assert stopped.returncode == 0, stopped.stderr
+    assert station.processes() == []
+    assert agent.get_queue_depth() == 0
+    assert wait_for_items(subscriber, "measurements/", 10_000, timeout=30)
+    received = {m["identifier"] for m in subscriber.items("measurements/")}
+    assert set(produced) <= received
+    subscriber.close()
