@@ -14,9 +14,9 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import enqueue
+    from . import drain, enqueue
 
-    return {"enqueue": enqueue.run}
+    return {"enqueue": enqueue.run, "drain": drain.run_drain, "backlog": drain.run_backlog}
 
 
 def main() -> int:

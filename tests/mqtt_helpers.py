@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,105 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from benchmarks.mosquitto import Broker
 from tests.conftest import wait_until
-
-
-def mosquitto_binary() -> str:
-    """The broker executable; the suite fails (not skips) without it."""
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-    if found is None:
-        pytest.fail("mosquitto is not installed: run the suite with `bash .ci/test`")
-    return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Broker:
-    """A Mosquitto process with persistence, so that sessions and retained
-    messages survive a restart on the same port."""
-
-    def __init__(
-        self,
-        directory: str,
-        tls: dict[str, str] | None = None,
-        users: dict[str, str] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        os.makedirs(directory, exist_ok=True)
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "user root" if os.geteuid() == 0 else "",
-            "persistence true",
-            f"persistence_location {directory}/",
-            # the default (1000) silently drops QoS 1 messages for a slow subscriber
-            "max_queued_messages 0",
-            "log_type error",
-            "log_type warning",
-            f"log_dest file {directory}/mosquitto.log",
-        ]
-        if users is not None:
-            password_file = os.path.join(directory, "passwords")
-            for i, (user, password) in enumerate(users.items()):
-                subprocess.run(
-                    [
-                        "mosquitto_passwd",
-                        "-b",
-                        *(["-c"] if i == 0 else []),
-                        password_file,
-                        user,
-                        password,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-            lines += ["allow_anonymous false", f"password_file {password_file}"]
-        else:
-            lines.append("allow_anonymous true")
-        if tls is not None:
-            lines += [
-                f"cafile {tls['ca']}",
-                f"certfile {tls['cert']}",
-                f"keyfile {tls['key']}",
-            ]
-        self.config_path = os.path.join(directory, "mosquitto.conf")
-        with open(self.config_path, "w") as f:
-            f.write("\n".join(line for line in lines if line) + "\n")
-
-    def start(self) -> None:
-        """Start and wait until the port accepts connections."""
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", self.config_path],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def accepting() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        assert wait_until(accepting, timeout=20), f"mosquitto did not start: {self.log()}"
-
-    def stop(self) -> None:
-        """SIGTERM (Mosquitto saves its persistence file) and wait."""
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-            self.process = None
-
-    def log(self) -> str:
-        """The broker's own log."""
-        path = os.path.join(self.directory, "mosquitto.log")
-        return open(path).read() if os.path.exists(path) else ""
 
 
 class Subscriber:
@@ -250,9 +151,12 @@ def make_certificates(directory: str) -> dict[str, str]:
 
 
 def broker_fixture(directory: str, **kwargs: Any) -> Iterator[Broker]:
-    """Start a broker and stop it whatever happens."""
+    """Start a broker and stop it whatever happens; no broker is a failure."""
     broker = Broker(directory, **kwargs)
-    broker.start()
+    try:
+        broker.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
     try:
         yield broker
     finally:

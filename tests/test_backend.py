@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.mosquitto import Broker
 from src import constants
 from src.types import Config, ConfigMessageBody, DataMessageBody, LogMessageBody
 from src.utils.functions import utc_date_string
@@ -21,7 +22,6 @@ from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from tests.conftest import PROJECT_DIR, Station, template_config_dict, wait_until
 from tests.mqtt_helpers import (
-    Broker,
     Subscriber,
     broker_fixture,
     make_certificates,
@@ -56,7 +56,7 @@ def config_dict(port: int, provider: str = "tenta", **backend: Any) -> dict[str,
 
 
 class BackendProcess:
-    """tests/backend_runner.py in its own process, on this test's data dir."""
+    """`python -m src.backend` in its own process, on this test's data dir."""
 
     def __init__(self, data_dir: str, config: dict[str, Any]) -> None:
         self.config_path = os.path.join(data_dir, "backend-config.json")
@@ -67,12 +67,9 @@ class BackendProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(PROJECT_DIR, "tests", "backend_runner.py"),
-                self.config_path,
-            ],
+            [sys.executable, "-m", "src.backend", self.config_path],
             env=self.env,
+            cwd=PROJECT_DIR,
             stdout=subprocess.DEVNULL,
         )
 

@@ -202,7 +202,9 @@ class Drainer:
                 break
             # every payload of these rows goes out, even past max_parallel_messages
             # (paho keeps the surplus queued, off the wire): a row is deleted only
-            # when each of its parts is acknowledged
+            # when each of its parts is acknowledged. Outstanding publishes stay
+            # below max_parallel_messages (<= 10,000) plus one fetch, far from the
+            # 65,535 message ids MQTT has.
             for publish in pack_rows(
                 self.provider,
                 rows,

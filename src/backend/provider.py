@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from src.types import Config
 from src.utils.messaging_agent import QueueRow
+
+# json.dumps with non-default arguments builds an encoder per call: reuse one
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Provider(abc.ABC):
 def pack_rows(
     provider: Provider,
     rows: Sequence[QueueRow],
-    identifier_of: Any,
+    identifier_of: Callable[[int], str],
     max_payload_bytes: int,
 ) -> list[Publish]:
     """Pack rows, oldest first, into publishes of at most `max_payload_bytes`
@@ -82,7 +85,7 @@ def pack_rows(
     open_publishes: dict[str, Publish] = {}
     for row in rows:
         for topic, item in provider.items_of(row, identifier_of(row.id)):
-            encoded = json.dumps(item, separators=(",", ":")).encode()
+            encoded = _ENCODER.encode(item).encode()
             current = open_publishes.get(topic)
             if current is not None and current.size + len(encoded) + 1 > max_payload_bytes:
                 done.append(current)
