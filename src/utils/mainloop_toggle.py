@@ -102,16 +102,17 @@ def stop_mainloop(timeout: float) -> None:
     except (psutil.NoSuchProcess, ProcessLookupError):
         family = []
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not is_running():
-            return
+    while is_running() and time.time() < deadline:
         time.sleep(0.1)
-    for process in family:
+    # the lock goes with the last file descriptor, a moment before the process
+    # itself: wait for every process that was there when we asked
+    _, alive = psutil.wait_procs(family, timeout=max(1.0, deadline - time.time()))
+    for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=10)
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _file_size(path: str) -> int:
