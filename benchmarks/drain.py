@@ -180,19 +180,17 @@ def _raw_paho_rate(port: int, agent: MessagingAgent, count: int) -> float:
 def run_drain(quick: bool) -> Iterator[Figure]:
     """Figure drain_rate."""
     count = 10_000 if quick else 100_000
-    with tempfile.TemporaryDirectory(prefix="ivy-bench-drain-") as directory:
-        broker = Broker(os.path.join(directory, "broker"))
-        broker.start()
-        try:
-            config = _config(broker.port)
-            baseline_agent = _fill(os.path.join(directory, "baseline"), config, count)
-            raw_rate = _raw_paho_rate(broker.port, baseline_agent, count)
-            ivy_dir = os.path.join(directory, "ivy")
-            agent = _fill(ivy_dir, config, count)
-            samples, _ = _drain_with_ivy(ivy_dir, config, agent, timeout=600)
-            ours = _rate_until(samples, 0, 0)  # sample 0: the connection
-        finally:
-            broker.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="ivy-bench-drain-") as directory,
+        Broker.running(os.path.join(directory, "broker")) as broker,
+    ):
+        config = _config(broker.port)
+        baseline_agent = _fill(os.path.join(directory, "baseline"), config, count)
+        raw_rate = _raw_paho_rate(broker.port, baseline_agent, count)
+        ivy_dir = os.path.join(directory, "ivy")
+        agent = _fill(ivy_dir, config, count)
+        samples, _ = _drain_with_ivy(ivy_dir, config, agent, timeout=600)
+        ours = _rate_until(samples, 0, 0)  # sample 0: the connection
     yield Figure(
         "drain",
         "drain_rate",
@@ -206,15 +204,13 @@ def run_drain(quick: bool) -> Iterator[Figure]:
 def run_backlog(quick: bool) -> Iterator[Figure]:
     """Figures last_tenth_vs_first and peak_rss_mb."""
     count = 100_000 if quick else 1_000_000
-    with tempfile.TemporaryDirectory(prefix="ivy-bench-backlog-") as directory:
-        broker = Broker(os.path.join(directory, "broker"))
-        broker.start()
-        try:
-            config = _config(broker.port)
-            agent = _fill(directory, config, count)
-            samples, peak_rss_mb = _drain_with_ivy(directory, config, agent, timeout=1_800)
-        finally:
-            broker.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="ivy-bench-backlog-") as directory,
+        Broker.running(os.path.join(directory, "broker")) as broker,
+    ):
+        config = _config(broker.port)
+        agent = _fill(directory, config, count)
+        samples, peak_rss_mb = _drain_with_ivy(directory, config, agent, timeout=1_800)
     first = _rate_until(samples, 0, count - count // 10)
     last = _rate_until(samples, _last_index_at_or_above(samples, count // 10), 0)
     yield Figure(

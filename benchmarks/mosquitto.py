@@ -3,11 +3,14 @@ Traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import Any
 
 
 def mosquitto_binary() -> str:
@@ -99,6 +102,17 @@ class Broker:
             if time.time() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"mosquitto did not start: {self.log()}")
             time.sleep(0.05)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, directory: str, **kwargs: Any) -> Iterator[Broker]:
+        """A started broker, stopped whatever happens."""
+        broker = cls(directory, **kwargs)
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
     def stop(self) -> None:
         """SIGTERM (Mosquitto saves its persistence file) and wait."""

@@ -86,6 +86,17 @@ class Station:
             check=False,
         )
 
+    def run_py(self) -> subprocess.CompletedProcess[str]:
+        """Run this station's run.py in the foreground and capture its output."""
+        return subprocess.run(
+            [sys.executable, os.path.join(self.project_dir, "run.py")],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def write_config(self, config: dict[str, Any]) -> None:
         """Write config/config.json of this station."""
         with open(os.path.join(self.project_dir, "config", "config.json"), "w") as f:

@@ -83,14 +83,7 @@ def test_station_measures_queues_archives_restarts_and_stops(station: Station) -
     # a second instance is refused, through the CLI and through run.py itself
     again = station.cli("start")
     assert again.returncode == 1 and "already running" in again.stderr
-    direct = subprocess.run(
-        [sys.executable, os.path.join(station.project_dir, "run.py")],
-        env=station.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    direct = station.run_py()
     assert direct.returncode == 1 and "already running" in direct.stderr
 
     status = station.status()
@@ -149,14 +142,7 @@ def test_malformed_config_is_refused_with_a_clear_message(station: Station) -> N
     for result in (
         station.cli("start"),
         station.cli("config", "check"),
-        subprocess.run(
-            [sys.executable, os.path.join(station.project_dir, "run.py")],
-            env=station.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ),
+        station.run_py(),
     ):
         assert result.returncode == 1
         assert (
