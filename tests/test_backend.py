@@ -191,10 +191,11 @@ def test_tenta_delivers_everything_in_order_with_the_documented_shape(
     subscriber.close()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_thingsboard_delivers_telemetry_arrays(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    broker: Broker, data_dir: str, processes: list[BackendProcess], protocol: str
 ) -> None:
-    config = config_dict(broker.port, provider="thingsboard")
+    config = config_dict(broker.port, provider="thingsboard", mqtt_protocol=protocol)
     agent = agent_for(config)
     subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"])
     ids = agent.add_messages(

@@ -127,6 +127,10 @@ def test_killing_the_main_loop_leaves_no_orphans(station: Station) -> None:
     assert wait_until(lambda: station.processes() == [], timeout=15)
     assert station.cli("is-running").returncode == 1
     start(station)  # the lock went with the processes
+    first_pid = station.status()["mainloop"]["pid"]
+    restarted = station.cli("restart")
+    assert restarted.returncode == 0 and "Ivy stopped" in restarted.stdout, restarted.stderr
+    assert station.status()["mainloop"]["pid"] not in (None, first_pid)
     assert station.cli("stop").returncode == 0
 
 
