@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -23,7 +23,7 @@ from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(message, err=True)
     raise SystemExit(1)
 
@@ -33,7 +33,6 @@ def _load_config_or_fail() -> Config:
         return Config.load()
     except ConfigError as e:
         _fail(str(e))
-        raise  # unreachable; keeps mypy aware that this never returns None
 
 
 def _stop_timeout(config: Config | None) -> float:

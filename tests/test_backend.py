@@ -307,6 +307,7 @@ def test_tls_works_with_the_ca_and_is_refused_without(
         ids = agent.add_messages([DataMessageBody(data={"i": i}) for i in range(20)])
         without_ca = start_backend(processes, data_dir, config_dict(broker.port, tls={}))
         assert wait_until(lambda: "cannot reach the broker" in log_text(), timeout=30)
+        assert "CERTIFICATE_VERIFY_FAILED" in log_text()  # the reason, for the operator
         time.sleep(2)
         data_rows = [r for r in agent.get_n_latest_rows(1_000) if r.variant == "data"]
         assert len(data_rows) == 20  # nothing went out over an unverified link
@@ -339,6 +340,7 @@ def test_wrong_password_is_logged_once_and_retried(
         time.sleep(4)  # several retries with backoff (1 s, 2 s, ...)
         assert wrong.alive()
         assert log_text().count("refused the connection") == 1
+        assert "Not authorized" in log_text() or "Bad user name or password" in log_text()
         assert "wrong-password-123" not in log_text()
         assert [r.variant for r in agent.get_n_latest_rows(100)].count("data") == 1
         wrong.kill()

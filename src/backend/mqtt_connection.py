@@ -10,6 +10,7 @@ events on queues; the backend's own thread does all the work.
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
 import threading
 from collections.abc import Sequence
@@ -122,10 +123,11 @@ class MQTTConnection:
             raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info.mid
 
-    def _log_state(self, state: str, failure: bool) -> None:
+    def _log_state(self, state: str, failure: bool, details: str = "") -> None:
         if state == self._last_state:
             return
         self._last_state = state
+        state += details
         if failure:
             self.logger.warning(
                 f"MQTT {state}; retrying with backoff up to {_RECONNECT_MAX_DELAY} s"
@@ -153,7 +155,24 @@ class MQTTConnection:
         self.wakeup.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        self._log_state(f"cannot reach the broker at {self.address}", True)
+        state = f"cannot reach the broker at {self.address}"
+        if state != self._last_state:  # once per change of state: say why
+            self._log_state(state, True, f" ({self._diagnose()})")
+
+    def _diagnose(self) -> str:
+        """Why a connection fails: paho's callback does not say, and "wrong CA"
+        and "host down" need different fixes."""
+        try:
+            with socket.create_connection(
+                (self.config.mqtt_host, self.config.mqtt_port), timeout=5
+            ) as raw:
+                context = self.client._ssl_context
+                if context is not None:
+                    with context.wrap_socket(raw, server_hostname=self.config.mqtt_host):
+                        pass
+        except OSError as e:
+            return str(e) or type(e).__name__
+        return "the broker accepts TCP connections; the MQTT handshake failed"
 
     def _on_disconnect(
         self,
