@@ -45,7 +45,9 @@ _SCHEMA = [
         name TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     ) WITHOUT ROWID""",
-    "INSERT OR IGNORE INTO counters (name, value) SELECT 'queued', count(*) FROM queue",
+    # queue depth = rows ever inserted (sqlite_sequence, kept by AUTOINCREMENT,
+    # gap-free) - rows removed: so adding a message writes no counter page
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('removed', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('archived_up_to', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('identifier_prefix', ?)",
@@ -164,15 +166,16 @@ class MessagingAgent:
                 rows,
             )
             # AUTOINCREMENT under BEGIN IMMEDIATE: this transaction's ids are
-            # contiguous and end at last_insert_rowid()
-            queued, last_id = self.connection.execute(
-                "UPDATE counters SET value = value + ? WHERE name = 'queued' "
-                "RETURNING value, last_insert_rowid()",
-                (len(rows),),
+            # contiguous and end at last_insert_rowid(), which is also the
+            # number of rows ever inserted
+            last_id, removed = self.connection.execute(
+                "SELECT last_insert_rowid(), value FROM counters WHERE name = 'removed'"
             ).fetchone()
+            queued = last_id - removed
             if queued > self.max_queued_messages:
                 self._drop_oldest(queued - self.max_queued_messages)
-        return [self.identifier_of(i) for i in range(last_id - len(rows) + 1, last_id + 1)]
+        prefix = self.identifier_prefix
+        return [f"{prefix}-{i}" for i in range(last_id - len(rows) + 1, last_id + 1)]
 
     def _add_to_counter(self, name: str, delta: int) -> int:
         row = self.connection.execute(
@@ -196,7 +199,7 @@ class MessagingAgent:
             )
             dropped += cursor.rowcount
             remaining -= cursor.rowcount
-        self._add_to_counter("queued", -dropped)
+        self._add_to_counter("removed", dropped)
         self._add_to_counter("dropped", dropped)
 
     # --- sending ----------------------------------------------------------------
@@ -257,13 +260,16 @@ class MessagingAgent:
                     f"DELETE FROM queue WHERE id IN ({','.join('?' * len(chunk))})",  # noqa: S608
                     chunk,
                 ).rowcount
-            self._add_to_counter("queued", -removed)
+            self._add_to_counter("removed", removed)
 
     # --- inspecting -------------------------------------------------------------
 
     def get_queue_depth(self) -> int:
         """Number of queued (unacknowledged) messages. Called by `ivy status`."""
-        return self._read_counter("queued")
+        row = self.connection.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0)"
+        ).fetchone()
+        return int(row[0]) - self._read_counter("removed")
 
     def get_dropped_count(self) -> int:
         """Messages dropped by the size cap since the queue was created."""
