@@ -68,6 +68,14 @@ class Provider(abc.ABC):
         """The (topic, item) pairs that carry one queued row."""
 
     @abc.abstractmethod
+    def unreadable_items(
+        self, row: QueueRow, identifier: str, reason: str
+    ) -> Iterable[tuple[str, dict[str, Any]]]:
+        """Items for a row that `items_of` cannot read (e.g. a message variant
+        of a newer version, after a rollback): the raw body goes out as an
+        error, so that the row neither blocks the queue nor is lost."""
+
+    @abc.abstractmethod
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
         """The config in a received message, or None when the topic carries none."""
 
@@ -84,7 +92,12 @@ def pack_rows(
     done: list[Publish] = []
     open_publishes: dict[str, Publish] = {}
     for row in rows:
-        for topic, item in provider.items_of(row, identifier_of(row.id)):
+        identifier = identifier_of(row.id)
+        try:
+            items = list(provider.items_of(row, identifier))
+        except (ValueError, KeyError, TypeError) as e:
+            items = list(provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}"))
+        for topic, item in items:
             encoded = _ENCODER.encode(item).encode()
             current = open_publishes.get(topic)
             if current is not None and current.size + len(encoded) + 1 > max_payload_bytes:

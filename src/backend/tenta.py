@@ -56,8 +56,25 @@ class TentaProvider(Provider):
                 logs,
                 {"message": message, "severity": _SEVERITIES.get(body["level"], "error"), **common},
             )
-        else:
+        elif body["variant"] == "config":
             yield from self._config_items(body, common)
+        else:
+            raise ValueError(f"unknown message variant {body['variant']!r}")
+
+    def unreadable_items(
+        self, row: QueueRow, identifier: str, reason: str
+    ) -> Iterable[tuple[str, dict[str, Any]]]:
+        """An error log holding the raw body."""
+        yield (
+            f"logs/{self.identifier}",
+            {
+                "message": f"unreadable queued message ({reason}): {row.body[:4_000]}",
+                "severity": "error",
+                "timestamp": row.timestamp,
+                "revision": row.config_revision,
+                "identifier": identifier,
+            },
+        )
 
     def _config_items(
         self, body: dict[str, Any], common: dict[str, Any]

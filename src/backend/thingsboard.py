@@ -52,15 +52,33 @@ class ThingsBoardProvider(Provider):
                 "log_subject": body["subject"],
                 "log_body": body["body"],
             }
-        else:
+        elif body["variant"] == "config":
             values = {
                 "config_status": body["status"],
                 "config_revision": body["config_revision"],
                 "config_software_version": body["software_version"],
                 "config_reason": body["reason"],
             }
+        else:
+            raise ValueError(f"unknown message variant {body['variant']!r}")
         values["message_identifier"] = identifier
         yield TELEMETRY_TOPIC, {"ts": int(row.timestamp * 1000), "values": values}
+
+    def unreadable_items(
+        self, row: QueueRow, identifier: str, reason: str
+    ) -> Iterable[tuple[str, dict[str, Any]]]:
+        """Telemetry holding the raw body and why it could not be read."""
+        yield (
+            TELEMETRY_TOPIC,
+            {
+                "ts": int(row.timestamp * 1000),
+                "values": {
+                    "unreadable_message": row.body[:4_000],
+                    "unreadable_reason": reason,
+                    "message_identifier": identifier,
+                },
+            },
+        )
 
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
         """The `configuration` shared attribute, pushed or requested; its value
