@@ -43,6 +43,7 @@ class Mainloop:
         self.last_run: dict[str, float] = {}
         self.reported_dropped = self.messaging_agent.get_dropped_count()
         self.published_status: str | None = None
+        self.state_seen: tuple[int, int] | None = None
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = True
@@ -158,6 +159,18 @@ class Mainloop:
         )
 
     def _apply_pending_configs(self) -> None:
+        # a backend that queues a config replaces the state file (new inode):
+        # skip the locked read and parse while it has not changed. Our own
+        # heartbeat rewrites it every 10 s, so even a change within one clock
+        # tick is seen soon.
+        try:
+            stat = os.stat(constants.STATE_PATH)
+        except FileNotFoundError:
+            return
+        version = (stat.st_ino, stat.st_mtime_ns)
+        if version == self.state_seen:
+            return
+        self.state_seen = version
         if not StateInterface.load().pending_configs:
             return
         with StateInterface.update() as state:

@@ -13,7 +13,7 @@ import queue
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -123,11 +123,14 @@ class MQTTConnection:
             raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info.mid
 
-    def _log_state(self, state: str, failure: bool, details: str = "") -> None:
+    def _log_state(
+        self, state: str, failure: bool, details: Callable[[], str] | None = None
+    ) -> None:
         if state == self._last_state:
             return
         self._last_state = state
-        state += details
+        if details is not None:
+            state += f" ({details()})"
         if failure:
             self.logger.warning(
                 f"MQTT {state}; retrying with backoff up to {_RECONNECT_MAX_DELAY} s"
@@ -155,9 +158,8 @@ class MQTTConnection:
         self.wakeup.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        state = f"cannot reach the broker at {self.address}"
-        if state != self._last_state:  # once per change of state: say why
-            self._log_state(state, True, f" ({self._diagnose()})")
+        # the probe runs only when the state changes, not on every retry
+        self._log_state(f"cannot reach the broker at {self.address}", True, self._diagnose)
 
     def _diagnose(self) -> str:
         """Why a connection fails: paho's callback does not say, and "wrong CA"

@@ -312,12 +312,8 @@ class MessagingAgent:
             if not rows:
                 return written
             lines_per_day: dict[str, list[str]] = {}
-            prefix = self.identifier_prefix
-            for row_id, timestamp, _, revision, body in rows:
-                lines_per_day.setdefault(day.of(timestamp), []).append(
-                    f'{{"identifier":"{prefix}-{row_id}","timestamp":{timestamp!r},'
-                    f'"config_revision":{revision},"body":{body}}}'
-                )
+            for row in rows:
+                lines_per_day.setdefault(day.of(row[1]), []).append(self._archive_line(*row))
             for name, lines in lines_per_day.items():
                 self._append_to_archive_file(name, lines)
             archived_up_to = rows[-1][0]
