@@ -312,8 +312,8 @@ class MessagingAgent:
             if not rows:
                 return written
             lines_per_day: dict[str, list[str]] = {}
-            for row in rows:
-                lines_per_day.setdefault(day.of(row[1]), []).append(self._archive_line(*row))
+            for row, line in zip(rows, self._archive_lines(rows), strict=True):
+                lines_per_day.setdefault(day.of(row[1]), []).append(line)
             for name, lines in lines_per_day.items():
                 self._append_to_archive_file(name, lines)
             archived_up_to = rows[-1][0]
@@ -322,13 +322,15 @@ class MessagingAgent:
             )
             written += len(rows)
 
-    def _archive_line(
-        self, row_id: int, timestamp: float, variant: str, config_revision: int, body: str
-    ) -> str:
-        return (
-            f'{{"identifier":"{self.identifier_prefix}-{row_id}","timestamp":{timestamp!r},'
-            f'"config_revision":{config_revision},"body":{body}}}'
-        )
+    def _archive_lines(self, rows: Sequence[tuple[int, float, str, int, str]]) -> list[str]:
+        """The JSONL archive lines of queue rows, one comprehension per batch
+        (a call per line halved the flush rate)."""
+        prefix = self.identifier_prefix
+        return [
+            f'{{"identifier":"{prefix}-{row_id}","timestamp":{timestamp!r},'
+            f'"config_revision":{revision},"body":{body}}}'
+            for row_id, timestamp, _, revision, body in rows
+        ]
 
     def _append_to_archive_file(self, date: str, lines: list[str]) -> None:
         path = os.path.join(self.archive_dir, f"{date}.jsonl")
@@ -351,9 +353,8 @@ class MessagingAgent:
             with open(path, encoding="utf-8") as f:
                 lines.extend(f.read().splitlines())
         day_start = datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc)
-        lines.extend(
-            self._archive_line(*row)
-            for row in self.connection.execute(
+        lines += self._archive_lines(
+            self.connection.execute(
                 f"SELECT {_ROW_COLUMNS} FROM queue "  # noqa: S608
                 "WHERE id > ? AND timestamp >= ? AND timestamp < ? ORDER BY id",
                 (
@@ -361,7 +362,7 @@ class MessagingAgent:
                     day_start.timestamp(),
                     day_start.timestamp() + 86_400,
                 ),
-            )
+            ).fetchall()
         )
         items: list[MessageArchiveItem] = []
         seen: set[str] = set()
