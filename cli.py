@@ -148,6 +148,7 @@ def _collect_status() -> dict[str, Any]:
             "depth": agent.get_queue_depth(),
             "oldest_age_seconds": agent.get_oldest_message_age(now),
             "dropped": agent.get_dropped_count(),
+            "poisoned": agent.get_poisoned_count(),
         }
     finally:
         agent.close()
@@ -200,7 +201,7 @@ def status(as_json: bool) -> None:
     q = s["queue"]
     click.echo(
         f"queue:   {q['depth']} message(s) unsent, oldest {_age(q['oldest_age_seconds'])} old, "
-        f"{q['dropped']} dropped by the size cap"
+        f"{q['dropped']} dropped by the size cap, {q['poisoned']} poison row(s)"
     )
     if s["processes"]:
         click.echo(f"\n  {'PROCESS':<20}{'ALIVE':<7}{'PID':<9}{'RESTARTS':<10}LAST ERROR")

@@ -38,7 +38,7 @@ from src.utils.messaging_agent import MessagingAgent
 from .common import Figure
 from .mosquitto import Broker
 
-STATION = "bench-station"
+STATION = "0b1f5a52-7c3e-4d2a-8f6b-3e9d1c2a4b5f"  # Tenta: the sensor UUID
 MAX_PARALLEL = 50
 
 

@@ -16,13 +16,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.mosquitto import Broker
 from tests.conftest import wait_until
+from tests.server_rules import check_payload
 
 
 class Subscriber:
-    """A persistent-session QoS 1 subscriber that records every message."""
+    """A persistent-session QoS 1 subscriber that records every message and
+    checks each against the real servers' rules (`tests.server_rules`): any
+    payload a server would drop fails the test that reads it."""
 
     def __init__(self, port: int, topics: list[str], client_id: str = "test-subscriber") -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.violations: list[str] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -40,8 +44,14 @@ class Subscriber:
             self.subscribed.set()
 
         def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            payload = bytes(message.payload)
+            try:
+                check_payload(message.topic, payload)
+            except ValueError as e:
+                with self.lock:
+                    self.violations.append(f"{message.topic}: {e}")
             with self.lock:
-                self.messages.append((message.topic, bytes(message.payload)))
+                self.messages.append((message.topic, payload))
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
@@ -50,8 +60,14 @@ class Subscriber:
         self.client.loop_start()
         assert self.subscribed.wait(20), "subscriber could not subscribe"
 
+    def assert_conforming(self) -> None:
+        """Fail if a real server would have dropped any payload received."""
+        with self.lock:
+            assert not self.violations, "\n".join(self.violations[:5])
+
     def items(self, topic_prefix: str = "") -> list[dict[str, Any]]:
         """Every array item received so far on topics starting with the prefix."""
+        self.assert_conforming()
         with self.lock:
             received = list(self.messages)
         return [
@@ -62,9 +78,10 @@ class Subscriber:
         ]
 
     def close(self) -> None:
-        """Disconnect."""
+        """Disconnect; fail if anything received breaks the servers' rules."""
         self.client.disconnect()
         self.client.loop_stop()
+        self.assert_conforming()
 
 
 def publish(port: int, topic: str, payload: Any, retain: bool = False) -> None:

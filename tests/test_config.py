@@ -26,8 +26,12 @@ BACKEND = {
 UPDATER = {"source": "github", "repository": "example/ivy", "access_token": "tok-123-secret"}
 
 
+SENSOR_UUID = "8c4f4b5e-2f36-4d3b-9c41-6a1f0e2b7d90"
+
+
 def full_config() -> dict[str, Any]:
     config = template_config_dict()
+    config["general"]["system_identifier"] = SENSOR_UUID
     config["backend"] = copy.deepcopy(BACKEND)
     config["updater"] = copy.deepcopy(UPDATER)
     return config
@@ -57,8 +61,21 @@ def test_template_is_valid() -> None:
         ("general.system_identifier", "a/b", "general.system_identifier: String should match"),
         ("general.system_identifier", "", "general.system_identifier: String should match"),
         ("general.system_identifier", "ok\n", "general.system_identifier: String should match"),
+        ("general.system_identifier", "site.1", "general.system_identifier: String should match"),
+        ("general.system_identifier", "a+b", "general.system_identifier: String should match"),
+        ("general.system_identifier", "my-station", "general.system_identifier: with the Tenta"),
         ("general.config_revision", -1, "general.config_revision: Input should be greater"),
         ("general.config_revision", "x", "general.config_revision: Input should be a valid int"),
+        ("general.config_revision", "8", "general.config_revision: Input should be a valid int"),
+        ("general.config_revision", 8.0, "general.config_revision: Input should be a valid int"),
+        ("general.config_revision", True, "general.config_revision: Input should be a valid int"),
+        ("general.config_revision", 2**31, "general.config_revision: Input should be less than"),
+        ("general.config_revision", 10**30, "general.config_revision: Input should be less than"),
+        ("general.software_version", "1" * 40 + ".0.0", "general.software_version: Value error"),
+        ("storage.max_queued_messages", 10**12, "storage.max_queued_messages: Input should be less"),
+        ("storage.retention_days", 10**6, "storage.retention_days: Input should be less"),
+        ("backend.mqtt_port", "1883", "backend.mqtt_port: Input should be a valid integer"),
+        ("backend.tls", {"ca_file": "/" * 5_000}, "backend.tls.ca_file: String should have at most"),
         ("general.software_version", "1.2", "general.software_version: String should match"),
         ("general.software_version", "v1.2.3", "general.software_version: String should match"),
         ("logging_verbosity.console_prints", "LOUD", "logging_verbosity.console_prints: Input"),
@@ -154,6 +171,17 @@ def test_foreign_config_needs_only_revision_and_version() -> None:
     assert foreign.to_dict()["x"] == {}
     with pytest.raises(ValueError, match="config_revision"):
         ForeignConfig.model_validate({"general": {"software_version": "1.0.0"}})
+
+
+@pytest.mark.parametrize(
+    ("revision", "problem"),
+    [("8", "valid integer"), (True, "valid integer"), (-1, "greater"), (2**31, "less than")],
+)
+def test_foreign_config_revisions_are_strict_and_bounded(revision: Any, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ForeignConfig.model_validate(
+            {"general": {"config_revision": revision, "software_version": "0.1.0"}}
+        )
 
 
 def test_to_foreign_config_keeps_secrets_for_applying() -> None:

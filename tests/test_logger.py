@@ -23,7 +23,7 @@ def config_with(**verbosity: str | None) -> Config:
     config = template_config_dict()
     config["logging_verbosity"].update(verbosity)
     config["backend"] = {
-        "provider": "tenta",
+        "provider": "thingsboard",
         "mqtt_host": "localhost",
         "mqtt_client_id": "c",
         "mqtt_password": "pa55-word-secret",

@@ -137,7 +137,7 @@ def test_killing_the_main_loop_leaves_no_orphans(station: Station) -> None:
 def test_malformed_config_is_refused_with_a_clear_message(station: Station) -> None:
     config = fast_config()
     config["backend"] = {
-        "provider": "tenta",
+        "provider": "thingsboard",
         "mqtt_host": "x",
         "mqtt_client_id": "c",
         "mqtt_port": 0,
@@ -219,7 +219,7 @@ def test_pending_config_is_applied_by_the_running_station(station: Station) -> N
 def test_operator_commands_and_exit_codes(station: Station) -> None:
     config = fast_config()
     config["backend"] = {
-        "provider": "tenta",
+        "provider": "thingsboard",
         "mqtt_host": "localhost",
         "mqtt_client_id": "c",
         "mqtt_password": "top-secret-pw",

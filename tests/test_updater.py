@@ -51,7 +51,7 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
             5,
             dummy_procedure={"seconds_between_datapoints": 3},
             backend={
-                "provider": "tenta",
+                "provider": "thingsboard",
                 "mqtt_host": "localhost",
                 "mqtt_client_id": "c",
                 "mqtt_password": "pw-secret-1",

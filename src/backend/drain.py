@@ -10,101 +10,39 @@ acknowledged. On teardown: keep draining until the queue is empty or
 
 from __future__ import annotations
 
-import json
 import time
 from multiprocessing.synchronize import Event
-from typing import Any
 
-import pydantic
-
-from src.types import Config, ConfigMessageBody, ForeignConfig, redact_secrets
-from src.types.config import format_validation_error
+from src.types import Config
+from src.utils.functions import capped_exponential_delay
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
-from src.utils.state_interface import StateInterface
-from src.utils.updater import mark_config_revision_handled
 
+from .config_receiver import ConfigReceiver
 from .mqtt_connection import MQTTConnection
-from .provider import Provider, ReceivedConfig, pack_rows
+from .provider import Provider, pack_rows
 
 _IDLE_POLL_SECONDS = 0.1  # how soon new rows from the procedures are noticed
 _ROWS_PER_FETCH = 1_000
-
-
-class ConfigReceiver:
-    """Judge configs on arrival: invalid ones are rejected at once (with a
-    reason naming the field), stale ones and duplicates ignored, valid ones
-    queued in the state for the main loop's updater."""
-
-    def __init__(self, config: Config, logger: Logger, messaging_agent: MessagingAgent) -> None:
-        """Remember the running revision."""
-        self.current_revision = config.general.config_revision
-        self.logger = logger
-        self.messaging_agent = messaging_agent
-
-    def handle(self, received: ReceivedConfig) -> None:
-        """Reject, ignore or queue one received config."""
-        raw = received.config
-        revision = _revision_in(raw)
-        if received.error is not None:
-            self._reject(raw, revision, received.error)
-            return
-        try:
-            foreign = ForeignConfig.model_validate(raw)
-        except pydantic.ValidationError as e:
-            self._reject(raw, revision, format_validation_error(e, "received config"))
-            return
-        revision = foreign.general.config_revision
-        state = StateInterface.load()
-        newest_known = max(self.current_revision, state.highest_handled_config_revision or -1)
-        if revision <= newest_known:
-            self.logger.debug(f"ignoring config revision {revision}: not newer than {newest_known}")
-            return
-        with StateInterface.update() as state:
-            if any(p.general.config_revision == revision for p in state.pending_configs):
-                return
-            state.pending_configs.append(foreign)
-        self.logger.info(f"received config revision {revision}; queued for the updater")
-
-    def _reject(self, raw: Any, revision: int | None, reason: str) -> None:
-        if revision is not None:
-            if revision <= self.current_revision:
-                return  # an old, broken config that is still retained somewhere
-            if revision <= (StateInterface.load().highest_handled_config_revision or -1):
-                return  # rejected already, before a reconnect
-            mark_config_revision_handled(revision)
-        self.logger.warning(f"rejected a received config (revision {revision})", details=reason)
-        version = raw.get("general", {}).get("software_version") if isinstance(raw, dict) else None
-        self.messaging_agent.add_message(
-            ConfigMessageBody(
-                status="rejected",
-                config_revision=revision,
-                software_version=version if isinstance(version, str) else None,
-                reason=reason,
-                config=redact_secrets(raw) if isinstance(raw, dict) else {},
-            )
-        )
-
-
-def _revision_in(raw: Any) -> int | None:
-    general = raw.get("general") if isinstance(raw, dict) else None
-    revision = general.get("config_revision") if isinstance(general, dict) else None
-    return revision if isinstance(revision, int) and not isinstance(revision, bool) else None
-
-
-def parse_json_object(payload: bytes, what: str) -> tuple[dict[str, Any] | None, str | None]:
-    """A JSON object from a payload, or a clear error naming `what`."""
-    try:
-        value = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{what}: not valid JSON ({e})"
-    if not isinstance(value, dict):
-        return None, f"{what}: expected a JSON object, got {type(value).__name__}"
-    return value, None
+_FRUITLESS_DROPS_BEFORE_ISOLATING = 2  # connections lost with no acknowledgement in between
+_MAX_REFUSAL_BACKOFF = 60.0
 
 
 class Drainer:
-    """The state of one backend process's drain loop."""
+    """The state of one backend process's drain loop.
+
+    Poison rows: a publish the broker refuses (an MQTT 5 PUBACK reason code)
+    has its rows sent again, each in a publish of its own; a row refused alone
+    goes out as an error holding its raw body, in small parts; if that is
+    refused too, the broker refuses us rather than the row, and the loop backs
+    off and retries. A broker that closes the connection again and again while
+    the same publishes are outstanding (a packet above its size limit, a
+    payload it cannot convert) is handled alike: the connection is renewed
+    without paho's resend queue, and the outstanding rows are sent one publish
+    at a time until the culprit is found; if even its error form closes the
+    connection, the row is dropped from the queue (it stays in the archive).
+    Poison rows are counted in the queue's `poisoned` counter.
+    """
 
     def __init__(self, config: Config, name: str, provider: Provider) -> None:
         """Open the queue and prepare the connection."""
@@ -114,14 +52,28 @@ class Drainer:
         self.messaging_agent = MessagingAgent(config)
         self.provider = provider
         self.receiver = ConfigReceiver(config, self.logger, self.messaging_agent)
-        self.connection = MQTTConnection(
-            self.backend, self.logger, provider.subscriptions(), provider.publishes_on_connect()
-        )
+        self.connection = self._new_connection()
         self.rows_of_publish: dict[int, list[int]] = {}
         self.publishes_per_row: dict[int, int] = {}
         self.fetched_up_to = 0  # every row up to here is in flight or deleted
-        self.in_flight_above_cursor: set[int] = set()  # only after a refusal rewound it
+        self.in_flight_above_cursor: set[int] = set()  # only after a rewind
         self.sent = 0
+        self.solo_rows: set[int] = set()  # suspects: each travels alone
+        self.poisoned_rows: dict[int, str] = {}  # row -> why it goes out as an error
+        self.one_at_a_time = False  # while the culprit of connection drops is sought
+        self.seen_disconnects = 0
+        self.acknowledged_since_drop = False
+        self.fruitless_drops = 0
+        self.refusal_streak = 0
+        self.paused_until = 0.0
+
+    def _new_connection(self) -> MQTTConnection:
+        return MQTTConnection(
+            self.backend,
+            self.logger,
+            self.provider.subscriptions(),
+            self.provider.publishes_on_connect(),
+        )
 
     def run(self, teardown_indicator: Event) -> None:
         """Drain until the teardown indicator is set and the queue is empty (or
@@ -132,6 +84,7 @@ class Drainer:
             while True:
                 self._process_acknowledgements()
                 self._process_received_configs()
+                self._process_connection_drops()
                 if deadline is None and teardown_indicator.is_set():
                     deadline = time.time() + self.backend.max_drain_time
                     self.logger.info(
@@ -140,7 +93,11 @@ class Drainer:
                     )
                 if deadline is not None and (self._drained() or time.time() >= deadline):
                     break
-                published = self._publish_more() if self.connection.is_connected() else False
+                published = (
+                    self._publish_more()
+                    if self.connection.is_connected() and time.time() >= self.paused_until
+                    else False
+                )
                 if not published:
                     self.connection.wakeup.wait(_IDLE_POLL_SECONDS)
                     self.connection.wakeup.clear()
@@ -155,13 +112,16 @@ class Drainer:
 
     def _process_acknowledgements(self) -> None:
         finished: list[int] = []
-        refused: list[int] = []
+        refused: dict[int, str] = {}
         while not self.connection.acknowledged.empty():
-            mid, accepted = self.connection.acknowledged.get()
-            for row_id in self.rows_of_publish.pop(mid, []):
-                if not accepted:
-                    refused.append(row_id)
-                    continue
+            mid, refusal = self.connection.acknowledged.get()
+            rows = self.rows_of_publish.pop(mid, [])
+            if refusal is not None:
+                self._isolate(rows, f"the broker refused it: {refusal}")
+                refused.update(dict.fromkeys(rows, refusal))
+                continue
+            self.acknowledged_since_drop = True
+            for row_id in rows:
                 if row_id not in self.publishes_per_row:
                     continue  # another part was refused: the whole row goes out again
                 remaining = self.publishes_per_row[row_id] - 1
@@ -171,17 +131,110 @@ class Drainer:
                 else:
                     self.publishes_per_row[row_id] = remaining
         if finished:
+            poisoned = sum(1 for row_id in finished if row_id in self.poisoned_rows)
             self.messaging_agent.remove_messages(finished)
+            if poisoned:
+                self.messaging_agent.count_poisoned(poisoned)
+            for row_id in finished:
+                self.solo_rows.discard(row_id)
+                self.poisoned_rows.pop(row_id, None)
             self.sent += len(finished)
+            if not refused:
+                self.refusal_streak = 0
         if refused:
-            # the broker refused them (MQTT 5 reason code): send them again later
-            self.logger.warning(f"the broker refused {len(refused)} message(s); will retry")
-            for row_id in refused:
-                self.publishes_per_row.pop(row_id, None)
-            self.fetched_up_to = min(self.fetched_up_to, min(refused) - 1)
-            self.in_flight_above_cursor = {
-                row_id for row_id in self.publishes_per_row if row_id > self.fetched_up_to
-            }
+            reasons = ", ".join(sorted(set(refused.values())))
+            self.logger.warning(
+                f"the broker refused {len(refused)} message(s) ({reasons}); "
+                "sending them again one by one"
+            )
+            self._rewind(set(refused))
+
+    def _isolate(self, rows: list[int], reason: str) -> None:
+        """Rows of a publish that failed: several travel alone next time; a
+        lone one goes out as an error; a lone error means the broker refuses
+        us, not the row: back off."""
+        if len(rows) != 1 or rows[0] not in self.solo_rows:
+            self.solo_rows.update(rows)
+        elif rows[0] not in self.poisoned_rows:
+            self.poisoned_rows[rows[0]] = reason
+            self.logger.error(
+                f"message {self.messaging_agent.identifier_of(rows[0])} is a poison row "
+                f"({reason}); sending it as an error holding its raw content"
+            )
+        else:
+            self.refusal_streak += 1
+            delay = capped_exponential_delay(self.refusal_streak, 1.0, _MAX_REFUSAL_BACKOFF)
+            self.paused_until = time.time() + delay
+            self.logger.warning(
+                f"the broker refuses even the error form of message "
+                f"{self.messaging_agent.identifier_of(rows[0])} ({reason}); "
+                f"retrying in {delay:.0f} s"
+            )
+
+    def _rewind(self, row_ids: set[int]) -> None:
+        """Send these rows again: forget their publishes and move the fetch
+        cursor back before them."""
+        for row_id in row_ids:
+            self.publishes_per_row.pop(row_id, None)
+        # a late acknowledgement of another part must not count for the resend
+        for mid, rows in self.rows_of_publish.items():
+            if not row_ids.isdisjoint(rows):
+                self.rows_of_publish[mid] = [r for r in rows if r not in row_ids]
+        self.fetched_up_to = min(self.fetched_up_to, min(row_ids) - 1)
+        self.in_flight_above_cursor = {
+            row_id for row_id in self.publishes_per_row if row_id > self.fetched_up_to
+        }
+
+    def _process_connection_drops(self) -> None:
+        drops = self.connection.disconnects
+        if drops == self.seen_disconnects:
+            return
+        if self.acknowledged_since_drop:
+            self.fruitless_drops = 0
+        self.acknowledged_since_drop = False
+        if self.rows_of_publish:
+            self.fruitless_drops += drops - self.seen_disconnects
+        self.seen_disconnects = drops
+        if self.fruitless_drops < _FRUITLESS_DROPS_BEFORE_ISOLATING:
+            return
+        # the broker closes the connection whenever these publishes are resent
+        outstanding = list(self.publishes_per_row)
+        publishes = list(self.rows_of_publish.values())
+        self.logger.warning(
+            f"the broker closed the connection {self.fruitless_drops} times while "
+            f"{len(publishes)} publish(es) were outstanding; looking for a poison row "
+            "by sending one publish at a time"
+        )
+        self.fruitless_drops = 0
+        if len(publishes) == 1 and len(publishes[0]) == 1 and publishes[0][0] in self.poisoned_rows:
+            self._drop_poison_row(publishes[0][0])
+        elif len(publishes) == 1:
+            self._isolate(publishes[0], "the broker closed the connection each time it was sent")
+        else:
+            self.solo_rows.update(row_id for rows in publishes for row_id in rows)
+        self.one_at_a_time = True
+        self.rows_of_publish = {}
+        self.publishes_per_row = {}
+        if outstanding:
+            self._rewind(set(outstanding))
+        self.paused_until = 0.0
+        # a new client: paho would otherwise resend the same publishes for ever
+        self._process_received_configs()
+        self.connection.stop()
+        self.connection = self._new_connection()
+        self.seen_disconnects = 0
+        self.connection.start()
+
+    def _drop_poison_row(self, row_id: int) -> None:
+        identifier = self.messaging_agent.identifier_of(row_id)
+        self.logger.error(
+            f"message {identifier} makes the broker close the connection even as an error; "
+            "dropped from the queue (it stays in the local archive)"
+        )
+        self.messaging_agent.remove_messages([row_id])
+        self.messaging_agent.count_poisoned(1)
+        self.solo_rows.discard(row_id)
+        self.poisoned_rows.pop(row_id, None)
 
     def _process_received_configs(self) -> None:
         while not self.connection.received.empty():
@@ -192,24 +245,30 @@ class Drainer:
 
     def _publish_more(self) -> bool:
         published_any = False
-        while len(self.rows_of_publish) < self.backend.max_parallel_messages:
+        limit = 1 if self.one_at_a_time else self.backend.max_parallel_messages
+        while len(self.rows_of_publish) < limit:
             rows = self.messaging_agent.get_n_latest_rows(
-                _ROWS_PER_FETCH,
+                1 if self.one_at_a_time else _ROWS_PER_FETCH,
                 excluded_message_ids=self.in_flight_above_cursor,
                 after_id=self.fetched_up_to,
             )
             if not rows:
+                if not self.rows_of_publish and self.one_at_a_time:
+                    self.logger.info("every suspect row is out; back to batched publishing")
+                    self.one_at_a_time = False
+                    self.solo_rows.clear()
                 break
-            # every payload of these rows goes out, even past max_parallel_messages
-            # (paho keeps the surplus queued, off the wire): a row is deleted only
-            # when each of its parts is acknowledged. Outstanding publishes stay
-            # below max_parallel_messages (<= 10,000) plus one fetch, far from the
-            # 65,535 message ids MQTT has.
+            # every payload of these rows goes out, even past the limit (paho
+            # keeps the surplus queued, off the wire): a row is deleted only
+            # when each of its parts is acknowledged. Outstanding publishes
+            # stay below max_parallel_messages (<= 10,000) plus one fetch, far
+            # from the 65,535 message ids MQTT has.
             for publish in pack_rows(
                 self.provider,
                 rows,
                 self.messaging_agent.identifier_of,
-                self.backend.max_payload_bytes,
+                self.solo_rows,
+                self.poisoned_rows,
             ):
                 mid = self.connection.publish(publish.topic, publish.payload())
                 self.rows_of_publish[mid] = publish.row_ids

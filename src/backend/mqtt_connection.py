@@ -48,11 +48,13 @@ class MQTTConnection:
         self.subscriptions = list(subscriptions)
         self.publishes_on_connect = list(publishes_on_connect)
         # events from paho's network thread, consumed by the backend's thread
-        self.acknowledged: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        # (message id, None when accepted or the broker's refusal reason)
+        self.acknowledged: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()
         self.received: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self._connected = threading.Event()
         self._last_state: str | None = None
+        self.disconnects = 0  # connections lost after the broker had accepted them
 
         v5 = config.mqtt_protocol == "5"
         self.client = mqtt.Client(
@@ -186,6 +188,8 @@ class MQTTConnection:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected:
+            self.disconnects += 1
         if was_connected and reason_code.is_failure:
             self._log_state(f"lost the connection to {self.address}: {reason_code}", True)
 
@@ -198,7 +202,7 @@ class MQTTConnection:
         properties: Properties | None,
     ) -> None:
         # MQTT 5 brokers can refuse a publish in its PUBACK
-        self.acknowledged.put((mid, not reason_code.is_failure))
+        self.acknowledged.put((mid, str(reason_code) if reason_code.is_failure else None))
         self.wakeup.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

@@ -2,16 +2,21 @@
 queued rows into its batched payloads, which all providers share.
 
 A provider turns one queued row into items, each bound for a topic whose
-payload is a JSON array; `pack_rows` fills arrays up to `max_payload_bytes`
-and remembers which rows each publish carries, so that a row is deleted only
-when every publish that carries a part of it is acknowledged.
+payload is a JSON array; `pack_rows` fills arrays up to the provider's payload
+bound and remembers which rows each publish carries, so that a row is deleted
+only when every publish that carries a part of it is acknowledged.
+
+Every item a provider yields must be one its server accepts (DESIGN §11): the
+tests run every published payload through a checker written from the servers'
+own validation code.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,70 @@ from src.types import Config
 from src.utils.messaging_agent import QueueRow
 
 # json.dumps with non-default arguments builds an encoder per call: reuse one
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+# room left in an item's byte budget for its keys, timestamp and part marker
+ITEM_ENVELOPE_BYTES = 512
+# an isolated (poison) row goes out as an error in parts this small, so that
+# even a broker with a tiny packet limit takes it
+POISON_PART_BYTES = 768
+
+Item = tuple[str, dict[str, Any]]
+
+
+def encode(value: Any) -> bytes:
+    """Compact UTF-8 JSON; NaN and Infinity raise (no server parses them)."""
+    return _ENCODER.encode(value).encode()
+
+
+@functools.lru_cache(maxsize=4_096)
+def _encoded_char_bytes(character: str) -> int:
+    return len(encode(character)) - 2  # without the quotes
+
+
+def split_text(text: str, max_chars: int, max_bytes: int) -> list[str]:
+    """`text` in consecutive parts of at most `max_chars` characters and
+    `max_bytes` bytes once encoded as a JSON string, so that a long log is
+    carried whole, never cut. Called by the providers."""
+    if len(text) <= max_chars and len(encode(text)) - 2 <= max_bytes:
+        return [text]
+    parts: list[str] = []
+    start = chars = size = 0
+    for index, character in enumerate(text):
+        cost = _encoded_char_bytes(character)
+        if chars + 1 > max_chars or size + cost > max_bytes:
+            parts.append(text[start:index])
+            start, chars, size = index, 0, 0
+        chars += 1
+        size += cost
+    parts.append(text[start:])
+    return parts
+
+
+def numbered_parts(text: str, max_chars: int, max_bytes: int) -> list[str]:
+    """Like `split_text`, each part prefixed `[part i/n] ` when there are
+    several, the prefix counted in the bounds."""
+    reserve = 32  # "[part 12345/12345] "
+    parts = split_text(text, max_chars - reserve, max_bytes - reserve)
+    if len(parts) == 1:
+        return parts
+    return [f"[part {i}/{len(parts)}] {part}" for i, part in enumerate(parts, start=1)]
+
+
+def split_mapping(values: Mapping[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """`values` in consecutive dicts whose encoding stays within `max_bytes`
+    (a single entry larger than that stays alone). Called by the providers
+    when one message has too many values for one item."""
+    chunks: list[dict[str, Any]] = [{}]
+    size = 2
+    for key, value in values.items():
+        entry = len(encode(key)) + len(encode(value)) + 2
+        if chunks[-1] and size + entry > max_bytes:
+            chunks.append({})
+            size = 2
+        chunks[-1][key] = value
+        size += entry
+    return chunks
 
 
 @dataclass
@@ -52,8 +120,16 @@ class Provider(abc.ABC):
 
     def __init__(self, config: Config) -> None:
         """Keep the config; `system_identifier` names the station's topics."""
+        assert config.backend is not None
         self.config = config
         self.identifier = config.general.system_identifier
+        self.max_payload_bytes = min(
+            config.backend.max_payload_bytes, self.server_max_payload_bytes
+        )
+        self.item_text_bytes = self.max_payload_bytes - ITEM_ENVELOPE_BYTES
+
+    #: the largest payload the server takes; the config cannot raise it
+    server_max_payload_bytes: int = 2**28
 
     @abc.abstractmethod
     def subscriptions(self) -> list[str]:
@@ -64,16 +140,28 @@ class Provider(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def items_of(self, row: QueueRow, identifier: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    def items_of(self, row: QueueRow, identifier: str) -> Iterable[Item]:
         """The (topic, item) pairs that carry one queued row."""
 
     @abc.abstractmethod
+    def error_items(
+        self, row: QueueRow, identifier: str, text: str, max_part_bytes: int
+    ) -> Iterable[Item]:
+        """Error log items carrying `text` in parts of at most `max_part_bytes`."""
+
     def unreadable_items(
-        self, row: QueueRow, identifier: str, reason: str
-    ) -> Iterable[tuple[str, dict[str, Any]]]:
-        """Items for a row that `items_of` cannot read (e.g. a message variant
-        of a newer version, after a rollback): the raw body goes out as an
-        error, so that the row neither blocks the queue nor is lost."""
+        self, row: QueueRow, identifier: str, reason: str, max_part_bytes: int | None = None
+    ) -> Iterable[Item]:
+        """Items for a row that `items_of` cannot read (a message variant of a
+        newer version, after a rollback) or that the broker refused: its raw
+        body goes out as an error, so that the row neither blocks the queue nor
+        is lost."""
+        return self.error_items(
+            row,
+            identifier,
+            f"unreadable queued message ({reason}): {row.body}",
+            max_part_bytes or self.item_text_bytes,
+        )
 
     @abc.abstractmethod
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
@@ -84,30 +172,48 @@ def pack_rows(
     provider: Provider,
     rows: Sequence[QueueRow],
     identifier_of: Callable[[int], str],
-    max_payload_bytes: int,
+    solo_rows: Iterable[int] = (),
+    poisoned_rows: Mapping[int, str] | None = None,
 ) -> list[Publish]:
-    """Pack rows, oldest first, into publishes of at most `max_payload_bytes`
-    (an item larger than that travels alone). Items keep their order per topic.
-    Called by the drain loop."""
+    """Pack rows, oldest first, into publishes of at most the provider's
+    payload bound (an item larger than that travels alone). Items keep their
+    order per topic. Rows in `solo_rows` travel in publishes of their own;
+    rows in `poisoned_rows` go out, alone, as an error holding their raw body
+    and the reason. Called by the drain loop."""
+    max_payload_bytes = provider.max_payload_bytes
+    poisoned = poisoned_rows or {}
+    solo = set(solo_rows) | set(poisoned)
     done: list[Publish] = []
     open_publishes: dict[str, Publish] = {}
     for row in rows:
         identifier = identifier_of(row.id)
-        try:
-            items = list(provider.items_of(row, identifier))
-        except (ValueError, KeyError, TypeError) as e:
-            items = list(provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}"))
+        items: list[Item]
+        if row.id in poisoned:
+            items = list(
+                provider.unreadable_items(row, identifier, poisoned[row.id], POISON_PART_BYTES)
+            )
+        else:
+            try:
+                items = list(provider.items_of(row, identifier))
+            except (ValueError, KeyError, TypeError) as e:
+                items = list(provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}"))
+        alone: dict[str, Publish] = {}
+        if row.id in solo:  # what came before goes first: order per topic holds
+            done.extend(open_publishes.values())
+            open_publishes = {}
         for topic, item in items:
-            encoded = _ENCODER.encode(item).encode()
-            current = open_publishes.get(topic)
+            encoded = encode(item)
+            publishes = alone if row.id in solo else open_publishes
+            current = publishes.get(topic)
             if current is not None and current.size + len(encoded) + 1 > max_payload_bytes:
                 done.append(current)
                 current = None
             if current is None:
-                current = open_publishes[topic] = Publish(topic)
+                current = publishes[topic] = Publish(topic)
             current.items.append(encoded)
             current.size += len(encoded) + 1
             if not current.row_ids or current.row_ids[-1] != row.id:
                 current.row_ids.append(row.id)
+        done.extend(alone.values())
     done.extend(open_publishes.values())
     return done

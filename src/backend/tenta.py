@@ -1,17 +1,31 @@
 """Tenta: `measurements/<id>`, `logs/<id>`, `acknowledgments/<id>` as JSON arrays;
 configs arrive retained on `configurations/<id>` as
-`{"revision": n, "configuration": {...}}`.
+`{"revision": n, "configuration": {...}}`. `<id>` is the sensor's UUID.
 
-Tenta stores only numbers as measurements. A data message's string values
-travel as an `info` log on `logs/<id>` ("key: value; ..."), with the same
-timestamp, revision and identifier, so nothing is lost. A rejection's reason,
-which Tenta's acknowledgment cannot hold, follows as an `error` log; `received`
-and `startup` config messages become `info` logs.
+Tenta validates every array strictly (DESIGN §11, from its
+`server/app/validation/`): items have exactly the keys below and no other,
+one bad item drops the whole array after the broker's PUBACK, and nothing
+tells the station. So every item here is built to pass those rules:
+
+- measurements `{value, timestamp, revision?}`: `value` maps keys matching
+  `^[a-z0-9](_?[a-z0-9])*$` (at most 64 characters) to numbers (not booleans);
+- logs `{message, severity, timestamp, revision?}`: severity info, warning or
+  error; a message longer than 16,384 characters is split into numbered parts;
+- acknowledgments `{success, timestamp, revision}`;
+- `timestamp` and `revision` within `0 <= x < 2**31`.
+
+A data value Tenta cannot store as a measurement does not sink the rest: the
+valid values go out as a measurement, string values as an `info` log
+("key: value; ..."), and values with a bad key, booleans or non-finite numbers
+as an `error` log naming key and value. Tenta has no field for a message
+identifier and does not deduplicate (see the README).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -19,10 +33,31 @@ from typing import Any
 from src.types import Config
 from src.utils.messaging_agent import QueueRow
 
-from .drain import parse_json_object, run_backend
-from .provider import Provider, ReceivedConfig
+from .config_receiver import parse_json_object
+from .drain import run_backend
+from .provider import Item, Provider, ReceivedConfig, numbered_parts, split_mapping
 
+KEY_PATTERN = re.compile(r"^[a-z0-9](_?[a-z0-9])*$")
+MAX_KEY_LENGTH = 64
+MAX_MESSAGE_CHARS = 16_384
+INT4_LIMIT = 2**31  # revisions and timestamps are PostgreSQL int4-sized
 _SEVERITIES = {"DEBUG": "info", "INFO": "info", "WARNING": "warning", "ERROR": "error"}
+
+
+def valid_revision(value: Any) -> bool:
+    """Whether Tenta takes `value` as a revision."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT4_LIMIT
+
+
+def measurement_problem(key: str, value: Any) -> str | None:
+    """Why Tenta would refuse `key: value` in a measurement, or None."""
+    if len(key) > MAX_KEY_LENGTH or not KEY_PATTERN.match(key):
+        return f"key must match {KEY_PATTERN.pattern} with at most {MAX_KEY_LENGTH} characters"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{type(value).__name__} is not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    return None
 
 
 class TentaProvider(Provider):
@@ -32,81 +67,96 @@ class TentaProvider(Provider):
         """The station's configuration topic."""
         return [f"configurations/{self.identifier}"]
 
-    def items_of(self, row: QueueRow, identifier: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    def _common(self, row: QueueRow, clamp: bool = False) -> dict[str, Any]:
+        timestamp = row.timestamp
+        if not 0 <= timestamp < INT4_LIMIT:
+            if not clamp:
+                raise ValueError(f"timestamp {timestamp} is outside Tenta's range")
+            timestamp = min(max(timestamp, 0.0), INT4_LIMIT - 1.0) if timestamp == timestamp else 0
+        common: dict[str, Any] = {"timestamp": timestamp}
+        if valid_revision(row.config_revision):
+            common["revision"] = row.config_revision
+        return common
+
+    def _logs(self, text: str, severity: str, common: dict[str, Any], max_bytes: int) -> list[Item]:
+        topic = f"logs/{self.identifier}"
+        return [
+            (topic, {"message": part, "severity": severity, **common})
+            for part in numbered_parts(text, MAX_MESSAGE_CHARS, max_bytes)
+        ]
+
+    def items_of(self, row: QueueRow, identifier: str) -> Iterable[Item]:
         """Measurements, logs and acknowledgments, each with the measurement
-        time, the config revision and the message's identifier."""
+        time and the config revision it was measured under."""
         body = json.loads(row.body)
-        common = {
-            "timestamp": row.timestamp,
-            "revision": row.config_revision,
-            "identifier": identifier,
-        }
-        logs = f"logs/{self.identifier}"
-        if body["variant"] == "data":
-            numbers = {k: v for k, v in body["data"].items() if not isinstance(v, str)}
-            texts = {k: v for k, v in body["data"].items() if isinstance(v, str)}
-            if numbers:
-                yield f"measurements/{self.identifier}", {"value": numbers, **common}
-            if texts:
-                message = "; ".join(f"{k}: {v}" for k, v in texts.items())
-                yield logs, {"message": message, "severity": "info", **common}
-        elif body["variant"] == "log":
-            message = body["subject"] + (f"\n{body['body']}" if body["body"] else "")
-            yield (
-                logs,
-                {"message": message, "severity": _SEVERITIES.get(body["level"], "error"), **common},
-            )
-        elif body["variant"] == "config":
-            yield from self._config_items(body, common)
-        else:
-            raise ValueError(f"unknown message variant {body['variant']!r}")
+        common = self._common(row)
+        variant = body["variant"]
+        if variant == "data":
+            return self._data_items(body["data"], common)
+        if variant == "log":
+            text = body["subject"] + (f"\n{body['body']}" if body["body"] else "")
+            severity = _SEVERITIES.get(body["level"], "error")
+            return self._logs(text, severity, common, self.item_text_bytes)
+        if variant == "config":
+            return self._config_items(body, common)
+        raise ValueError(f"unknown message variant {variant!r}")
 
-    def unreadable_items(
-        self, row: QueueRow, identifier: str, reason: str
-    ) -> Iterable[tuple[str, dict[str, Any]]]:
-        """An error log holding the raw body."""
-        yield (
-            f"logs/{self.identifier}",
-            {
-                "message": f"unreadable queued message ({reason}): {row.body[:4_000]}",
-                "severity": "error",
-                "timestamp": row.timestamp,
-                "revision": row.config_revision,
-                "identifier": identifier,
-            },
-        )
+    def _data_items(self, data: dict[str, Any], common: dict[str, Any]) -> list[Item]:
+        numbers: dict[str, Any] = {}
+        texts: list[str] = []
+        refused: list[str] = []
+        for key, value in data.items():
+            problem = measurement_problem(key, value)
+            if problem is None:
+                numbers[key] = value
+            elif isinstance(value, str) and KEY_PATTERN.match(key) and len(key) <= MAX_KEY_LENGTH:
+                texts.append(f"{key}: {value}")
+            else:
+                refused.append(f"{key!r} = {json.dumps(value)} ({problem})")
+        items: list[Item] = [
+            (f"measurements/{self.identifier}", {"value": chunk, **common})
+            for chunk in (split_mapping(numbers, self.item_text_bytes) if numbers else [])
+        ]
+        if texts:
+            items += self._logs("; ".join(texts), "info", common, self.item_text_bytes)
+        if refused:
+            text = "values Tenta does not accept as measurements: " + "; ".join(refused)
+            items += self._logs(text, "error", common, self.item_text_bytes)
+        return items
 
-    def _config_items(
-        self, body: dict[str, Any], common: dict[str, Any]
-    ) -> Iterable[tuple[str, dict[str, Any]]]:
-        logs = f"logs/{self.identifier}"
+    def _config_items(self, body: dict[str, Any], common: dict[str, Any]) -> list[Item]:
         revision = body["config_revision"]
         status = body["status"]
-        if status in ("accepted", "rejected") and revision is not None:
-            yield (
-                f"acknowledgments/{self.identifier}",
-                {
-                    **common,
-                    "revision": revision,
-                    "success": status == "accepted",
-                },
+        items: list[Item] = []
+        if status in ("accepted", "rejected") and valid_revision(revision):
+            items.append(
+                (
+                    f"acknowledgments/{self.identifier}",
+                    {
+                        "success": status == "accepted",
+                        "timestamp": common["timestamp"],
+                        "revision": revision,
+                    },
+                )
             )
         if status == "rejected":
-            yield (
-                logs,
-                {
-                    "message": f"config revision {revision} rejected: {body['reason']}",
-                    "severity": "error",
-                    **common,
-                },
-            )
-        elif status in ("received", "startup"):
-            text = (
-                "received config revision"
-                if status == "received"
-                else "started with config revision"
-            )
-            yield logs, {"message": f"{text} {revision}", "severity": "info", **common}
+            text = f"config revision {revision} rejected: {body['reason']}"
+            items += self._logs(text, "error", common, self.item_text_bytes)
+        else:
+            label = {
+                "received": "received config revision",
+                "accepted": "accepted config revision",
+                "startup": "started with config revision",
+            }[status]
+            text = f"{label} {revision} (Ivy {body['software_version']})"
+            items += self._logs(text, "info", common, self.item_text_bytes)
+        return items
+
+    def error_items(
+        self, row: QueueRow, identifier: str, text: str, max_part_bytes: int
+    ) -> Iterable[Item]:
+        """Error logs at the row's time (clamped into Tenta's range)."""
+        return self._logs(text, "error", self._common(row, clamp=True), max_part_bytes)
 
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
         """`{"revision": n, "configuration": {...}}`; the envelope's revision is

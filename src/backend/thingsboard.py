@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from src import constants
 from src.types import Config
 from src.utils.messaging_agent import QueueRow
 
-from .drain import parse_json_object, run_backend
-from .provider import Provider, ReceivedConfig
+from .config_receiver import parse_json_object
+from .drain import run_backend
+from .provider import Item, Provider, ReceivedConfig, encode, numbered_parts, split_mapping
 
 TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 ATTRIBUTES_TOPIC = "v1/devices/me/attributes"
@@ -29,8 +31,15 @@ ATTRIBUTE_RESPONSE_PREFIX = "v1/devices/me/attributes/response/"
 CONFIG_ATTRIBUTE = "configuration"
 
 
+# ThingsBoard closes the connection on an MQTT packet above 65,536 bytes (its
+# default netty max_payload_size counts the topic and packet id too)
+MAX_PACKET_BYTES = 65_536
+
+
 class ThingsBoardProvider(Provider):
     """The ThingsBoard device MQTT API."""
+
+    server_max_payload_bytes = MAX_PACKET_BYTES - 256  # topic, packet id, MQTT 5 properties
 
     def subscriptions(self) -> list[str]:
         """Pushed attribute updates and answers to attribute requests."""
@@ -40,8 +49,9 @@ class ThingsBoardProvider(Provider):
         """Ask for the current config at every connect."""
         return [(ATTRIBUTE_REQUEST_TOPIC, json.dumps({"sharedKeys": CONFIG_ATTRIBUTE}).encode())]
 
-    def items_of(self, row: QueueRow, identifier: str) -> Iterable[tuple[str, dict[str, Any]]]:
-        """One telemetry item per row, at the measurement's time."""
+    def items_of(self, row: QueueRow, identifier: str) -> Iterable[Item]:
+        """Telemetry at the measurement's time: one item per row, more when its
+        values do not fit in one payload (see `_telemetry`)."""
         body = json.loads(row.body)
         values: dict[str, Any]
         if body["variant"] == "data":
@@ -59,26 +69,44 @@ class ThingsBoardProvider(Provider):
                 "config_software_version": body["software_version"],
                 "config_reason": body["reason"],
             }
+            if body["status"] == "startup":  # the device's software, as ThingsBoard shows it
+                values["current_sw_title"] = constants.NAME
+                values["current_sw_version"] = body["software_version"]
         else:
             raise ValueError(f"unknown message variant {body['variant']!r}")
-        values["message_identifier"] = identifier
-        yield TELEMETRY_TOPIC, {"ts": int(row.timestamp * 1000), "values": values}
+        return self._telemetry(row, identifier, values, self.item_text_bytes)
 
-    def unreadable_items(
-        self, row: QueueRow, identifier: str, reason: str
-    ) -> Iterable[tuple[str, dict[str, Any]]]:
-        """Telemetry holding the raw body and why it could not be read."""
-        yield (
-            TELEMETRY_TOPIC,
-            {
-                "ts": int(row.timestamp * 1000),
-                "values": {
-                    "unreadable_message": row.body[:4_000],
-                    "unreadable_reason": reason,
-                    "message_identifier": identifier,
-                },
-            },
-        )
+    def _telemetry(
+        self, row: QueueRow, identifier: str, values: dict[str, Any], max_bytes: int
+    ) -> list[Item]:
+        """Items of at most `max_bytes`: values are spread over several items at
+        the same time, and a string too long for one item is split into
+        numbered parts, part i one millisecond after part 1 (ThingsBoard keeps
+        one value per key and millisecond)."""
+        ts = int(row.timestamp * 1000)
+        part_bytes = max_bytes // 4
+        first: dict[str, Any] = {}
+        parts_of: dict[str, list[str]] = {}
+        for key, value in values.items():
+            if value is None:
+                continue  # nothing to store; older ThingsBoard versions refuse null
+            if isinstance(value, str) and len(encode(value)) - 2 > part_bytes:
+                parts_of[key] = numbered_parts(value, 2**31, part_bytes)
+                value = parts_of[key][0]
+            first[key] = value
+        chunks = [(ts, chunk) for chunk in split_mapping(first, max_bytes)]
+        for i in range(1, max((len(p) for p in parts_of.values()), default=0)):
+            chunks.append((ts + i, {k: p[i] for k, p in parts_of.items() if i < len(p)}))
+        return [
+            (TELEMETRY_TOPIC, {"ts": t, "values": {**chunk, "message_identifier": identifier}})
+            for t, chunk in chunks
+        ]
+
+    def error_items(
+        self, row: QueueRow, identifier: str, text: str, max_part_bytes: int
+    ) -> Iterable[Item]:
+        """Telemetry `error` at the row's time, in parts if long."""
+        return self._telemetry(row, identifier, {"error": text}, max_part_bytes * 4)
 
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
         """The `configuration` shared attribute, pushed or requested; its value

@@ -8,11 +8,13 @@ except in `Config.dump`, which writes them to the config file itself.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import pydantic
 import tum_esm_utils.validators
 from pydantic import Field, SecretStr
+from pydantic_core import PydanticCustomError
 
 from src import constants
 
@@ -34,24 +36,59 @@ SecretString = Annotated[SecretStr, pydantic.PlainSerializer(_serialize_secret, 
 
 # anchored: a pattern without ^...$ would accept any string containing a match
 _HOSTNAME_PATTERN = r"^([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:]{2,39})$"
-_IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# characters every broker keeps as they are in a topic level (RabbitMQ maps
+# "." to "/"; "+" and "#" are wildcards)
+_IDENTIFIER_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Tenta's sensor identifiers (its validation/constants.py): lowercase UUID v4
+TENTA_IDENTIFIER_PATTERN = r"^[a-f0-9]{8}-[a-f0-9]{4}-4[a-f0-9]{3}-[89ab][a-f0-9]{3}-[a-f0-9]{12}$"
 _CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
+# revisions live in Tenta's int4 columns and in SQLite; nothing larger is
+# accepted, so that no remote config can overflow either
+REVISION_LIMIT = 2**31
+_PATH_MAX_LENGTH = 4_096
+_SECRET_MAX_LENGTH = 1_024
+_VERSION_MAX_LENGTH = 32
+
+
 class _Section(tum_esm_utils.validators.StricterBaseModel):
-    """A config section: unknown keys are errors, so that typos are caught."""
+    """A config section: unknown keys are errors, so that typos are caught, and
+    no value is coerced (a remote "8" is not the integer 8)."""
+
+    model_config = pydantic.ConfigDict(strict=True)
+
+
+def _short_version(
+    version: tum_esm_utils.validators.Version,
+) -> tum_esm_utils.validators.Version:
+    if len(version.root) > _VERSION_MAX_LENGTH:
+        raise ValueError(f"at most {_VERSION_MAX_LENGTH} characters")
+    return version
+
+
+Version = Annotated[tum_esm_utils.validators.Version, pydantic.AfterValidator(_short_version)]
+Revision = Annotated[int, Field(ge=0, lt=REVISION_LIMIT)]
 
 
 class GeneralConfig(_Section):
     system_identifier: str = Field(
         ...,
         pattern=_IDENTIFIER_PATTERN,
-        description="Name of this station; used in MQTT topics. Letters, digits, _ . -",
+        description=(
+            "Name of this station; used in MQTT topics. Letters, digits, _ and -; "
+            "with the Tenta backend, the sensor's UUID in Tenta (lowercase)."
+        ),
     )
-    config_revision: int = Field(
-        ..., ge=0, description="Revision of this config; remote configs must be higher."
+    config_revision: Revision = Field(
+        ...,
+        description=(
+            "Revision of this config. A remote config is applied only if its revision is "
+            "at least this one and higher than the last one handled; a station that has "
+            "handled none accepts its current revision too (Tenta's first is 0)."
+        ),
     )
-    software_version: tum_esm_utils.validators.Version = Field(
+    software_version: Version = Field(
         ..., description="Ivy version this config is written for, e.g. 0.1.0."
     )
 
@@ -76,13 +113,17 @@ class StorageConfig(_Section):
     max_queued_messages: int = Field(
         5_000_000,
         ge=1_000,
+        le=1_000_000_000,
         description=(
             "Cap on queued messages; above it the oldest data messages are dropped first, "
             "config acknowledgements last."
         ),
     )
     retention_days: int = Field(
-        365, ge=1, description="Message archive and log files older than this are deleted."
+        365,
+        ge=1,
+        le=36_500,
+        description="Message archive and log files older than this are deleted.",
     )
 
 
@@ -99,15 +140,23 @@ class UpdaterConfig(_Section):
         None, pattern=_HOSTNAME_PATTERN, description="GitLab host; null for gitlab.com."
     )
     access_token: SecretString | None = Field(
-        None, description="Token for private repositories; sent in a header, never logged."
+        None,
+        max_length=_SECRET_MAX_LENGTH,
+        description="Token for private repositories; sent in a header, never logged.",
     )
     allow_downgrades: bool = Field(False, description="Accept configs with a lower version.")
 
 
 class TLSConfig(_Section):
-    ca_file: str | None = Field(None, description="CA bundle; null: the system's CAs.")
-    client_cert_file: str | None = Field(None, description="Client certificate (PEM).")
-    client_key_file: str | None = Field(None, description="Client private key (PEM).")
+    ca_file: str | None = Field(
+        None, max_length=_PATH_MAX_LENGTH, description="CA bundle; null: the system's CAs."
+    )
+    client_cert_file: str | None = Field(
+        None, max_length=_PATH_MAX_LENGTH, description="Client certificate (PEM)."
+    )
+    client_key_file: str | None = Field(
+        None, max_length=_PATH_MAX_LENGTH, description="Client private key (PEM)."
+    )
     check_hostname: bool = Field(True, description="Check the broker's hostname.")
 
     @pydantic.model_validator(mode="after")
@@ -127,7 +176,9 @@ class BackendConfig(_Section):
     mqtt_username: str | None = Field(
         None, max_length=256, description="Username; the device token for ThingsBoard."
     )
-    mqtt_password: SecretString | None = Field(None, description="Password.")
+    mqtt_password: SecretString | None = Field(
+        None, max_length=_SECRET_MAX_LENGTH, description="Password."
+    )
     mqtt_protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version.")
     tls: TLSConfig | None = Field(None, description="TLS settings; null: plain TCP.")
     max_parallel_messages: int = Field(
@@ -162,6 +213,8 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     """The whole station config. A procedure section set to null disables it;
     `backend: null` keeps every message in the local queue and archive."""
 
+    model_config = pydantic.ConfigDict(strict=True)
+
     general: GeneralConfig
     logging_verbosity: LoggingVerbosityConfig = Field(default_factory=LoggingVerbosityConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -169,6 +222,30 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     backend: BackendConfig | None = None
     dummy_procedure: DummyProcedureConfig | None = None
     system_checks: SystemChecksConfig | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _tenta_needs_a_sensor_uuid(self) -> Config:
+        identifier = self.general.system_identifier
+        if (
+            self.backend is not None
+            and self.backend.provider == "tenta"
+            and not re.match(TENTA_IDENTIFIER_PATTERN, identifier)
+        ):
+            raise pydantic.ValidationError.from_exception_data(
+                "Config",
+                [
+                    {
+                        "type": PydanticCustomError(
+                            "tenta_identifier",
+                            "with the Tenta backend this must be the sensor's UUID in Tenta "
+                            "(lowercase, version 4)",
+                        ),
+                        "loc": ("general", "system_identifier"),
+                        "input": identifier,
+                    }
+                ],
+            )
+        return self
 
     @staticmethod
     def load_from_string(content: str, source: str = "config") -> Config:
@@ -213,9 +290,9 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
 
 
 class _ForeignGeneralConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")
-    config_revision: int = Field(..., ge=0)
-    software_version: tum_esm_utils.validators.Version
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+    config_revision: Revision
+    software_version: Version
 
 
 class ForeignConfig(pydantic.BaseModel):
@@ -223,7 +300,7 @@ class ForeignConfig(pydantic.BaseModel):
     are checked up front; everything else is validated when it is applied, by the
     version that will run it."""
 
-    model_config = pydantic.ConfigDict(extra="allow")
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
     general: _ForeignGeneralConfig
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,11 +339,15 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
+_MAX_PROBLEMS_SHOWN = 20
+
+
 def format_validation_error(error: pydantic.ValidationError, source: str) -> str:
     """One line per problem: the dotted field path, what is wrong and the value
     found (redacted for secrets)."""
     lines = [f"{source} is invalid ({error.error_count()} problem(s)):"]
-    for e in error.errors():
+    problems = error.errors()
+    for e in problems[:_MAX_PROBLEMS_SHOWN]:
         location = ".".join(str(part) for part in e["loc"]) or "(whole document)"
         line = f"  {location}: {e['msg']}"
         if e["type"] not in ("missing", "json_invalid"):
@@ -278,4 +359,6 @@ def format_validation_error(error: pydantic.ValidationError, source: str) -> str
                     shown = shown[:77] + "..."
             line += f" (got {shown})"
         lines.append(line)
+    if len(problems) > _MAX_PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - _MAX_PROBLEMS_SHOWN} more")
     return "\n".join(lines)

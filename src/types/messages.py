@@ -8,19 +8,31 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field
 
-from .config import LogLevel
+from .config import LogLevel, Revision
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class DataMessageBody(pydantic.BaseModel):
-    """Measured values, keyed by quantity name."""
+    """Measured values, keyed by quantity name. Booleans stay booleans;
+    integers must fit in 64 bits and floats must be finite, because no backend
+    (JSON, ThingsBoard's longs) can carry anything else."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
     variant: Literal["data"] = "data"
-    data: dict[Annotated[str, Field(min_length=1, max_length=128)], FiniteFloat | int | str] = (
-        Field(..., min_length=1)
-    )
+    data: dict[
+        Annotated[str, Field(min_length=1, max_length=128)], bool | int | FiniteFloat | str
+    ] = Field(..., min_length=1)
+
+    @pydantic.field_validator("data", mode="before")
+    @classmethod
+    def _integers_fit_in_64_bits(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+                    raise ValueError(f"{key!r}: integer {value} does not fit in 64 bits")
+        return data
 
 
 class LogMessageBody(pydantic.BaseModel):
@@ -40,8 +52,8 @@ class ConfigMessageBody(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     variant: Literal["config"] = "config"
     status: Literal["received", "accepted", "rejected", "startup"]
-    config_revision: int | None
-    software_version: str | None
+    config_revision: Revision | None
+    software_version: str | None = Field(..., max_length=64)
     reason: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 

@@ -56,6 +56,10 @@ class State(pydantic.BaseModel):
     system: SystemState = Field(default_factory=SystemState)
     dummy_procedure: DummyProcedureState = Field(default_factory=DummyProcedureState)
     pending_configs: list[ForeignConfig] = Field(default_factory=list)
-    # the highest config revision that was accepted or rejected, so that a
-    # retained config is not judged again at every reconnect
+    # the highest config revision that was accepted: a remote config must be
+    # newer. Only accepted configs move it, so that a rejected config with an
+    # absurd revision cannot lock out every later one.
     highest_handled_config_revision: int | None = None
+    # recently rejected revisions, so that a retained config is not judged (and
+    # answered) again at every reconnect; bounded, newest last
+    rejected_config_revisions: list[int] = Field(default_factory=list)

@@ -49,6 +49,7 @@ _SCHEMA = [
     # gap-free) - rows removed: so adding a message writes no counter page
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('removed', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0)",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('poisoned', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('archived_up_to', 0)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('identifier_prefix', ?)",
 ]
@@ -274,6 +275,16 @@ class MessagingAgent:
     def get_dropped_count(self) -> int:
         """Messages dropped by the size cap since the queue was created."""
         return self._read_counter("dropped")
+
+    def count_poisoned(self, count: int) -> None:
+        """Record rows that the broker would not take as they were (sent as an
+        error instead, or dropped). Called by the backend."""
+        with self._transaction():
+            self._add_to_counter("poisoned", count)
+
+    def get_poisoned_count(self) -> int:
+        """Poison rows since the queue was created. Called by `ivy status`."""
+        return self._read_counter("poisoned")
 
     def _read_counter(self, name: str) -> int:
         row = self.connection.execute(

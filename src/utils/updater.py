@@ -13,21 +13,54 @@ from __future__ import annotations
 import json
 
 from src import constants
-from src.types import Config, ConfigError, ConfigMessageBody, ForeignConfig, redact_secrets
+from src.types import (
+    Config,
+    ConfigError,
+    ConfigMessageBody,
+    ForeignConfig,
+    State,
+    redact_secrets,
+)
 
 from .logger import Logger
 from .messaging_agent import MessagingAgent
 from .state_interface import StateInterface
 
+_REJECTED_REVISIONS_KEPT = 32
+
+
+def config_revision_is_new(revision: int, current_revision: int, state: State) -> bool:
+    """Whether a remote config with this revision is to be judged: at least the
+    running revision, higher than the last accepted one (a station that has
+    accepted none takes its current revision, e.g. Tenta's first, 0), and not
+    rejected already. Called by the backends on arrival and by the updater."""
+    handled = state.highest_handled_config_revision
+    return (
+        revision >= current_revision
+        and (handled is None or revision > handled)
+        and revision not in state.rejected_config_revisions
+    )
+
 
 def mark_config_revision_handled(revision: int) -> None:
-    """Remember that a revision was accepted or rejected, so that a retained
-    copy arriving again after a reconnect is not judged twice. Called by the
-    updater and by backends that reject a config on arrival."""
+    """Remember that a revision was accepted, so that a retained copy arriving
+    again after a reconnect is ignored. Called by the updater."""
     with StateInterface.update() as state:
         state.highest_handled_config_revision = max(
             revision, state.highest_handled_config_revision or revision
         )
+
+
+def mark_config_revision_rejected(revision: int) -> None:
+    """Remember that a revision was rejected, so that it is not answered again
+    at every reconnect; only this revision is blocked, never later ones.
+    Called by the updater and by backends that reject a config on arrival."""
+    with StateInterface.update() as state:
+        if revision not in state.rejected_config_revisions:
+            state.rejected_config_revisions = [
+                *state.rejected_config_revisions[-(_REJECTED_REVISIONS_KEPT - 1) :],
+                revision,
+            ]
 
 
 class Updater:
@@ -44,12 +77,10 @@ class Updater:
         be restarted with it, None when it was ignored or rejected."""
         revision = foreign_config.general.config_revision
         version = foreign_config.general.software_version.root
-        current_revision = self.config.general.config_revision
-        if revision <= current_revision:
-            self.logger.info(
-                f"ignoring config revision {revision}: "
-                f"not newer than the current {current_revision}"
-            )
+        if not config_revision_is_new(
+            revision, self.config.general.config_revision, StateInterface.load()
+        ):
+            self.logger.info(f"ignoring config revision {revision}: handled already")
             return None
         self._acknowledge(foreign_config, "received")
 
@@ -76,7 +107,7 @@ class Updater:
         return new_config
 
     def _reject(self, foreign_config: ForeignConfig, reason: str) -> None:
-        mark_config_revision_handled(foreign_config.general.config_revision)
+        mark_config_revision_rejected(foreign_config.general.config_revision)
         self.logger.warning(
             f"rejected config revision {foreign_config.general.config_revision}", details=reason
         )
