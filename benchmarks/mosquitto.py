@@ -41,7 +41,10 @@ class Broker:
         directory: str,
         tls: dict[str, str] | None = None,
         users: dict[str, str] | None = None,
+        extra_lines: tuple[str, ...] = (),
     ) -> None:
+        """Write the broker's config; `extra_lines` are added as they are (an
+        ACL file, a packet size limit, ...)."""
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -81,6 +84,7 @@ class Broker:
                 f"certfile {tls['cert']}",
                 f"keyfile {tls['key']}",
             ]
+        lines += extra_lines
         self.config_path = os.path.join(directory, "mosquitto.conf")
         with open(self.config_path, "w") as f:
             f.write("\n".join(line for line in lines if line) + "\n")

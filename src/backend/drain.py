@@ -64,8 +64,8 @@ class Drainer:
         self.seen_disconnects = 0
         self.acknowledged_since_drop = False
         self.fruitless_drops = 0
-        self.refusal_streak = 0
-        self.paused_until = 0.0
+        self.held_rows: dict[int, float] = {}  # row -> when to try it again
+        self.hold_attempts: dict[int, int] = {}
 
     def _new_connection(self) -> MQTTConnection:
         return MQTTConnection(
@@ -85,6 +85,7 @@ class Drainer:
                 self._process_acknowledgements()
                 self._process_received_configs()
                 self._process_connection_drops()
+                self._release_held_rows()
                 if deadline is None and teardown_indicator.is_set():
                     deadline = time.time() + self.backend.max_drain_time
                     self.logger.info(
@@ -93,11 +94,7 @@ class Drainer:
                     )
                 if deadline is not None and (self._drained() or time.time() >= deadline):
                     break
-                published = (
-                    self._publish_more()
-                    if self.connection.is_connected() and time.time() >= self.paused_until
-                    else False
-                )
+                published = self._publish_more() if self.connection.is_connected() else False
                 if not published:
                     self.connection.wakeup.wait(_IDLE_POLL_SECONDS)
                     self.connection.wakeup.clear()
@@ -138,9 +135,8 @@ class Drainer:
             for row_id in finished:
                 self.solo_rows.discard(row_id)
                 self.poisoned_rows.pop(row_id, None)
+                self.hold_attempts.pop(row_id, None)
             self.sent += len(finished)
-            if not refused:
-                self.refusal_streak = 0
         if refused:
             reasons = ", ".join(sorted(set(refused.values())))
             self.logger.warning(
@@ -151,8 +147,9 @@ class Drainer:
 
     def _isolate(self, rows: list[int], reason: str) -> None:
         """Rows of a publish that failed: several travel alone next time; a
-        lone one goes out as an error; a lone error means the broker refuses
-        us, not the row: back off."""
+        lone one goes out as an error; a lone error refused too means the
+        broker refuses us, not the row: that row is held back and retried with
+        backoff, while the others flow."""
         if len(rows) != 1 or rows[0] not in self.solo_rows:
             self.solo_rows.update(rows)
         elif rows[0] not in self.poisoned_rows:
@@ -162,9 +159,9 @@ class Drainer:
                 f"({reason}); sending it as an error holding its raw content"
             )
         else:
-            self.refusal_streak += 1
-            delay = capped_exponential_delay(self.refusal_streak, 1.0, _MAX_REFUSAL_BACKOFF)
-            self.paused_until = time.time() + delay
+            attempts = self.hold_attempts[rows[0]] = self.hold_attempts.get(rows[0], 0) + 1
+            delay = capped_exponential_delay(attempts, 1.0, _MAX_REFUSAL_BACKOFF)
+            self.held_rows[rows[0]] = time.time() + delay
             self.logger.warning(
                 f"the broker refuses even the error form of message "
                 f"{self.messaging_agent.identifier_of(rows[0])} ({reason}); "
@@ -217,13 +214,22 @@ class Drainer:
         self.publishes_per_row = {}
         if outstanding:
             self._rewind(set(outstanding))
-        self.paused_until = 0.0
         # a new client: paho would otherwise resend the same publishes for ever
         self._process_received_configs()
         self.connection.stop()
         self.connection = self._new_connection()
         self.seen_disconnects = 0
         self.connection.start()
+
+    def _release_held_rows(self) -> None:
+        if not self.held_rows:
+            return
+        now = time.time()
+        due = {row_id for row_id, at in self.held_rows.items() if at <= now}
+        if due:
+            for row_id in due:
+                del self.held_rows[row_id]
+            self._rewind(due)
 
     def _drop_poison_row(self, row_id: int) -> None:
         identifier = self.messaging_agent.identifier_of(row_id)
@@ -235,6 +241,8 @@ class Drainer:
         self.messaging_agent.count_poisoned(1)
         self.solo_rows.discard(row_id)
         self.poisoned_rows.pop(row_id, None)
+        self.held_rows.pop(row_id, None)
+        self.hold_attempts.pop(row_id, None)
 
     def _process_received_configs(self) -> None:
         while not self.connection.received.empty():
@@ -249,7 +257,7 @@ class Drainer:
         while len(self.rows_of_publish) < limit:
             rows = self.messaging_agent.get_n_latest_rows(
                 1 if self.one_at_a_time else _ROWS_PER_FETCH,
-                excluded_message_ids=self.in_flight_above_cursor,
+                excluded_message_ids=self.in_flight_above_cursor | self.held_rows.keys(),
                 after_id=self.fetched_up_to,
             )
             if not rows:

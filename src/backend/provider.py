@@ -32,7 +32,23 @@ ITEM_ENVELOPE_BYTES = 512
 # even a broker with a tiny packet limit takes it
 POISON_PART_BYTES = 768
 
-Item = tuple[str, dict[str, Any]]
+# (topic, item): the item as a dict to encode, or as JSON bytes already encoded
+# by a provider's fast path for the common case
+Item = tuple[str, dict[str, Any] | bytes]
+
+# how a queued data message's body starts (pydantic's compact JSON): what
+# follows, up to the last brace, is the data object's own JSON text
+DATA_BODY_PREFIX = '{"variant":"data","data":'
+
+
+def data_json_of(row: QueueRow, max_bytes: int) -> str | None:
+    """The JSON text of a data row's values, when it is short enough to need
+    no splitting; None otherwise. Lets providers build the common item
+    without parsing and re-encoding the body."""
+    body = row.body
+    if not body.startswith(DATA_BODY_PREFIX) or 4 * len(body) > max_bytes:
+        return None
+    return body[len(DATA_BODY_PREFIX) : -1]
 
 
 def encode(value: Any) -> bytes:
@@ -74,10 +90,16 @@ def numbered_parts(text: str, max_chars: int, max_bytes: int) -> list[str]:
     return [f"[part {i}/{len(parts)}] {part}" for i, part in enumerate(parts, start=1)]
 
 
-def split_mapping(values: Mapping[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+def split_mapping(
+    values: Mapping[str, Any], max_bytes: int, source_chars: int | None = None
+) -> list[dict[str, Any]]:
     """`values` in consecutive dicts whose encoding stays within `max_bytes`
     (a single entry larger than that stays alone). Called by the providers
-    when one message has too many values for one item."""
+    when one message has too many values for one item. `source_chars`, the
+    length of the JSON text the values were read from, skips the measuring
+    when even 4 bytes per character would fit (the drain loop's common case)."""
+    if source_chars is not None and 4 * source_chars <= max_bytes:
+        return [dict(values)]
     chunks: list[dict[str, Any]] = [{}]
     size = 2
     for key, value in values.items():
@@ -180,40 +202,66 @@ def pack_rows(
     order per topic. Rows in `solo_rows` travel in publishes of their own;
     rows in `poisoned_rows` go out, alone, as an error holding their raw body
     and the reason. Called by the drain loop."""
-    max_payload_bytes = provider.max_payload_bytes
     poisoned = poisoned_rows or {}
     solo = set(solo_rows) | set(poisoned)
     done: list[Publish] = []
     open_publishes: dict[str, Publish] = {}
     for row in rows:
-        identifier = identifier_of(row.id)
-        items: list[Item]
-        if row.id in poisoned:
-            items = list(
-                provider.unreadable_items(row, identifier, poisoned[row.id], POISON_PART_BYTES)
-            )
-        else:
-            try:
-                items = list(provider.items_of(row, identifier))
-            except (ValueError, KeyError, TypeError) as e:
-                items = list(provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}"))
-        alone: dict[str, Publish] = {}
-        if row.id in solo:  # what came before goes first: order per topic holds
+        row_id = row.id
+        identifier = identifier_of(row_id)
+        if row_id in solo:
+            # what came before goes first, so that the order per topic holds
             done.extend(open_publishes.values())
             open_publishes = {}
-        for topic, item in items:
-            encoded = encode(item)
-            publishes = alone if row.id in solo else open_publishes
-            current = publishes.get(topic)
-            if current is not None and current.size + len(encoded) + 1 > max_payload_bytes:
-                done.append(current)
-                current = None
-            if current is None:
-                current = publishes[topic] = Publish(topic)
-            current.items.append(encoded)
-            current.size += len(encoded) + 1
-            if not current.row_ids or current.row_ids[-1] != row.id:
-                current.row_ids.append(row.id)
-        done.extend(alone.values())
+            done.extend(_pack_alone(provider, row, identifier, poisoned.get(row_id)))
+            continue
+        try:
+            items = provider.items_of(row, identifier)
+        except (ValueError, KeyError, TypeError) as e:
+            items = provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}")
+        _add_items(open_publishes, done, items, row_id, provider.max_payload_bytes)
     done.extend(open_publishes.values())
     return done
+
+
+def _add_items(
+    publishes: dict[str, Publish],
+    done: list[Publish],
+    items: Iterable[Item],
+    row_id: int,
+    max_payload_bytes: int,
+) -> None:
+    """Append one row's items to the open publish of each topic, closing a
+    publish (into `done`) when the next item would not fit."""
+    for topic, item in items:
+        encoded = item if isinstance(item, bytes) else encode(item)
+        size = len(encoded) + 1
+        current = publishes.get(topic)
+        if current is None or current.size + size > max_payload_bytes:
+            if current is not None:
+                done.append(current)
+            current = publishes[topic] = Publish(topic)
+        current.items.append(encoded)
+        current.size += size
+        if not current.row_ids or current.row_ids[-1] != row_id:
+            current.row_ids.append(row_id)
+
+
+def _pack_alone(
+    provider: Provider, row: QueueRow, identifier: str, poison_reason: str | None
+) -> list[Publish]:
+    """The publishes of a row that travels alone; a poison row goes out as an
+    error, each part in a publish of its own (its size may be what the broker
+    refused)."""
+    own: dict[str, Publish] = {}
+    done: list[Publish] = []
+    if poison_reason is not None:
+        items = provider.unreadable_items(row, identifier, poison_reason, POISON_PART_BYTES)
+        _add_items(own, done, items, row.id, 0)
+    else:
+        try:
+            items = provider.items_of(row, identifier)
+        except (ValueError, KeyError, TypeError) as e:
+            items = provider.unreadable_items(row, identifier, f"{type(e).__name__}: {e}")
+        _add_items(own, done, items, row.id, provider.max_payload_bytes)
+    return done + list(own.values())

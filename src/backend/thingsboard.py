@@ -22,13 +22,22 @@ from src.utils.messaging_agent import QueueRow
 
 from .config_receiver import parse_json_object
 from .drain import run_backend
-from .provider import Item, Provider, ReceivedConfig, encode, numbered_parts, split_mapping
+from .provider import (
+    Item,
+    Provider,
+    ReceivedConfig,
+    data_json_of,
+    encode,
+    numbered_parts,
+    split_mapping,
+)
 
 TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 ATTRIBUTES_TOPIC = "v1/devices/me/attributes"
 ATTRIBUTE_REQUEST_TOPIC = "v1/devices/me/attributes/request/1"
 ATTRIBUTE_RESPONSE_PREFIX = "v1/devices/me/attributes/response/"
 CONFIG_ATTRIBUTE = "configuration"
+_IDENTIFIER_KEY = "message_identifier"
 
 
 # ThingsBoard closes the connection on an MQTT packet above 65,536 bytes (its
@@ -52,6 +61,15 @@ class ThingsBoardProvider(Provider):
     def items_of(self, row: QueueRow, identifier: str) -> Iterable[Item]:
         """Telemetry at the measurement's time: one item per row, more when its
         values do not fit in one payload (see `_telemetry`)."""
+        data = data_json_of(row, self.item_text_bytes)
+        if data is not None and _IDENTIFIER_KEY not in data:
+            # the common case, without parsing: every value a data message can
+            # hold is one ThingsBoard takes
+            item = (
+                f'{{"ts":{int(row.timestamp * 1000)},"values":{data[:-1]},'
+                f'"{_IDENTIFIER_KEY}":"{identifier}"}}}}'
+            )
+            return [(TELEMETRY_TOPIC, item.encode())]
         body = json.loads(row.body)
         values: dict[str, Any]
         if body["variant"] == "data":
@@ -94,11 +112,11 @@ class ThingsBoardProvider(Provider):
                 parts_of[key] = numbered_parts(value, 2**31, part_bytes)
                 value = parts_of[key][0]
             first[key] = value
-        chunks = [(ts, chunk) for chunk in split_mapping(first, max_bytes)]
+        chunks = [(ts, chunk) for chunk in split_mapping(first, max_bytes, len(row.body))]
         for i in range(1, max((len(p) for p in parts_of.values()), default=0)):
             chunks.append((ts + i, {k: p[i] for k, p in parts_of.items() if i < len(p)}))
         return [
-            (TELEMETRY_TOPIC, {"ts": t, "values": {**chunk, "message_identifier": identifier}})
+            (TELEMETRY_TOPIC, {"ts": t, "values": {**chunk, _IDENTIFIER_KEY: identifier}})
             for t, chunk in chunks
         ]
 

@@ -1,0 +1,108 @@
+"""Rows a real broker will not take must not stall the queue: an MQTT 5 refusal
+(an ACL denying one topic) and a broker that closes the connection whenever a
+payload is too large (Mosquitto's max_packet_size). The other rows arrive, the
+poison row goes out once as an error holding its raw content, and it is
+counted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from benchmarks.mosquitto import Broker
+from src.types import ConfigMessageBody, DataMessageBody, LogMessageBody
+from tests.conftest import wait_until
+from tests.mqtt_helpers import Subscriber, broker_fixture, wait_for_items
+from tests.test_backend import (
+    STATION,
+    TENTA_TOPICS,
+    BackendProcess,
+    agent_for,
+    config_dict,
+    log_text,
+    sequence_numbers,
+    start_backend,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BackendProcess]]:
+    started: list[BackendProcess] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.kill()
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Any) -> Iterator[Broker]:
+    """Stations may publish measurements and logs, not acknowledgments."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\ntopic write measurements/#\ntopic write logs/#\n")
+    yield from broker_fixture(str(tmp_path / "acl-broker"), extra_lines=(f"acl_file {acl}",))
+
+
+def error_logs(subscriber: Subscriber) -> list[str]:
+    return [
+        item["message"]
+        for item in subscriber.items(f"logs/{STATION}")
+        if item["severity"] == "error"
+    ]
+
+
+def test_a_refused_row_is_isolated_and_sent_once_as_an_error(
+    acl_broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    config = config_dict(acl_broker.port, mqtt_protocol="5")
+    agent = agent_for(config)
+    subscriber = Subscriber(acl_broker.port, TENTA_TOPICS, client_id="poison-subscriber")
+    agent.add_messages([DataMessageBody(data={"i": i}) for i in range(500)])
+    agent.add_message(
+        ConfigMessageBody(status="accepted", config_revision=4, software_version="0.1.0")
+    )
+    agent.add_messages([DataMessageBody(data={"i": i}) for i in range(500, 1_000)])
+    start_backend(processes, data_dir, config)
+
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=60), log_text()
+    assert wait_for_items(subscriber, "measurements/", 1_000, timeout=30)
+    assert sorted(set(sequence_numbers(subscriber.items("measurements/")))) == list(range(1_000))
+    assert wait_until(lambda: len(error_logs(subscriber)) >= 1, timeout=30)
+    (error,) = error_logs(subscriber)  # once
+    assert "the broker refused it: Not authorized" in error
+    assert '"status":"accepted"' in error  # the raw content
+    assert subscriber.items("acknowledgments/") == []
+    assert agent.get_poisoned_count() == 1
+    assert "poison row" in log_text()
+    subscriber.close()
+
+
+def test_a_row_that_makes_the_broker_hang_up_is_isolated(
+    tmp_path: Any, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    broker_dir = str(tmp_path / "small-broker")
+    with Broker.running(broker_dir, extra_lines=("max_packet_size 3000",)) as broker:
+        # the station's bound is far above the broker's: batches make it hang up
+        config = config_dict(broker.port, max_payload_bytes=64_000)
+        agent = agent_for(config)
+        subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="hangup-subscriber")
+        agent.add_messages([DataMessageBody(data={"i": i}) for i in range(300)])
+        agent.add_message(LogMessageBody(level="ERROR", subject="big", body="x" * 5_000))
+        agent.add_messages([DataMessageBody(data={"i": i}) for i in range(300, 600)])
+        start_backend(processes, data_dir, config)
+
+        assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=120), log_text()
+        assert wait_for_items(subscriber, "measurements/", 600, timeout=30)
+        assert sorted(set(sequence_numbers(subscriber.items("measurements/")))) == list(
+            range(600)
+        )
+        assert wait_until(lambda: len(error_logs(subscriber)) >= 7, timeout=30)
+        joined = "".join(error_logs(subscriber))
+        assert "the broker closed the connection each time it was sent" in joined
+        assert joined.count("x") >= 5_000  # the raw content, in parts
+        assert agent.get_poisoned_count() == 1
+        assert "looking for a poison row" in log_text()
+        subscriber.close()
