@@ -85,11 +85,13 @@ class Subscriber:
 
 
 def publish(port: int, topic: str, payload: Any, retain: bool = False) -> None:
-    """Publish one QoS 1 message from a separate client and wait for its PUBACK."""
+    """Publish one QoS 1 message from a separate client and wait for its PUBACK;
+    bytes go out as they are, anything else as JSON."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    info = client.publish(topic, json.dumps(payload).encode(), qos=1, retain=retain)
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    info = client.publish(topic, raw, qos=1, retain=retain)
     info.wait_for_publish(timeout=20)
     client.disconnect()
     client.loop_stop()

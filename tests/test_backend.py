@@ -407,6 +407,23 @@ def test_tenta_configs_retained_invalid_stale_and_duplicate(
     subscriber.close()
 
 
+def test_a_fresh_tenta_station_accepts_revision_0(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    """Tenta numbers a sensor's first configuration 0: a station that has
+    handled no remote config must not ignore it as "not newer"."""
+    config = config_dict(broker.port)
+    config["general"]["config_revision"] = 0  # as in the template
+    publish(
+        broker.port,
+        f"configurations/{STATION}",
+        {"revision": 0, "configuration": template_config_dict()},
+        retain=True,
+    )
+    start_backend(processes, data_dir, config)
+    assert wait_until(lambda: pending_revisions() == [0], timeout=30)
+
+
 def test_thingsboard_config_requested_at_connect_and_pushed(
     broker: Broker, data_dir: str, processes: list[BackendProcess]
 ) -> None:

@@ -157,6 +157,18 @@ def test_invalid_body_is_rejected_before_anything_is_written() -> None:
     assert agent.load_message_archive(utc_date_string(time.time())) == []
 
 
+def test_what_no_backend_can_carry_is_refused_with_a_clear_error() -> None:
+    agent = MessagingAgent()
+    with pytest.raises(ValueError, match="does not fit in 64 bits"):
+        agent.add_message(DataMessageBody(data={"x": 10**30}))
+    for timestamp in (10**30, -5.0, float("nan"), "soon"):
+        with pytest.raises(ValueError, match="timestamp"):
+            agent.add_message(DataMessageBody(data={"x": 1}), timestamp=timestamp)  # type: ignore[arg-type]
+    assert DataMessageBody(data={"on": True}).data == {"on": True}  # kept, not 1.0
+    identifier = agent.add_message(DataMessageBody(data={"x": 1}))  # the queue still works
+    assert agent.get_queue_depth() == 1 and identifier.endswith("-1")
+
+
 def test_synchronous_setting_is_applied() -> None:
     config = template_config_dict()
     config["storage"]["sqlite_synchronous"] = "NORMAL"

@@ -96,9 +96,7 @@ def test_a_row_that_makes_the_broker_hang_up_is_isolated(
 
         assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=120), log_text()
         assert wait_for_items(subscriber, "measurements/", 600, timeout=30)
-        assert sorted(set(sequence_numbers(subscriber.items("measurements/")))) == list(
-            range(600)
-        )
+        assert sorted(set(sequence_numbers(subscriber.items("measurements/")))) == list(range(600))
         assert wait_until(lambda: len(error_logs(subscriber)) >= 7, timeout=30)
         joined = "".join(error_logs(subscriber))
         assert "the broker closed the connection each time it was sent" in joined

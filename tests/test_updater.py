@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from src import constants
-from src.types import Config, ForeignConfig
+from src.types import Config, ForeignConfig, State
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
-from src.utils.updater import Updater
+from src.utils.state_interface import StateInterface
+from src.utils.updater import Updater, config_revision_is_new
 from tests.conftest import template_config_dict
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
@@ -97,3 +98,40 @@ def test_version_change_is_refused_and_leaves_the_config_alone() -> None:
     rejected = acknowledgements(agent)[-1]
     assert rejected["status"] == "rejected"
     assert rejected["reason"].startswith("general.software_version: 9.9.9 differs")
+
+
+def test_a_fresh_station_accepts_its_current_revision_once() -> None:
+    """Tenta numbers a sensor's first config 0, the template's revision: a
+    station that has accepted no remote config takes it; a replay is ignored."""
+    updater, agent = make_updater()
+    assert updater.handle(foreign(0)) is not None
+    assert updater.handle(foreign(0)) is None
+    assert [a["status"] for a in acknowledgements(agent)] == ["received", "accepted"]
+
+
+def test_a_rejected_revision_blocks_only_itself() -> None:
+    """The revision memory cannot be poisoned: a rejected config (even with the
+    largest revision there is) is not judged again, and a later valid config
+    with any newer revision is still accepted."""
+    updater, agent = make_updater()
+    highest = 2**31 - 1
+    assert updater.handle(foreign(highest, dummy_procedure={"x": 1})) is None
+    assert updater.handle(foreign(highest, dummy_procedure={"x": 1})) is None  # not again
+    assert StateInterface.load().highest_handled_config_revision is None
+    assert updater.handle(foreign(7)) is not None
+    assert [a["status"] for a in acknowledgements(agent)] == [
+        "received",
+        "rejected",
+        "received",
+        "accepted",
+    ]
+
+
+def test_revision_rules() -> None:
+    state = State()
+    assert config_revision_is_new(0, 0, state)  # fresh: the current one too
+    assert not config_revision_is_new(0, 1, state)  # older than the running config
+    state.highest_handled_config_revision = 5
+    assert not config_revision_is_new(5, 0, state) and config_revision_is_new(6, 0, state)
+    state.rejected_config_revisions = [9]
+    assert not config_revision_is_new(9, 0, state) and config_revision_is_new(10, 0, state)

@@ -90,16 +90,17 @@ class ConfigReceiver:
         self.answered: list[str] = []  # digests of configs answered by this process
         self.ignored: set[int] = set()  # revisions whose ignoring was logged
 
-    def handle(self, received: ReceivedConfig) -> None:
-        """Reject, ignore or queue one received config."""
+    def handle(self, received: ReceivedConfig, payload: bytes) -> None:
+        """Reject, ignore or queue one received config (`payload`: the MQTT
+        message it came in)."""
         raw = received.config
         if received.error is not None:
-            self._reject(raw, received.error)
+            self._reject(raw, received.error, payload)
             return
         try:
             foreign = ForeignConfig.model_validate(raw)
         except pydantic.ValidationError as e:
-            self._reject(raw, format_validation_error(e, "received config"))
+            self._reject(raw, format_validation_error(e, "received config"), payload)
             return
         revision = foreign.general.config_revision
         if not self._is_new(revision):
@@ -119,11 +120,11 @@ class ConfigReceiver:
             self.logger.info(f"ignoring config revision {revision}: handled already")
         return False
 
-    def _reject(self, raw: Any, reason: str) -> None:
+    def _reject(self, raw: Any, reason: str, payload: bytes) -> None:
         revision = readable_revision(raw)
         if revision is not None and not self._is_new(revision):
             return  # an old, broken config that is still retained somewhere
-        digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+        digest = hashlib.sha256(payload).hexdigest()
         if digest in self.answered:
             return  # the same message again (a retained one after a reconnect)
         self.answered = [*self.answered[-(_ANSWERED_KEPT - 1) :], digest]

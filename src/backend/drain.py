@@ -34,8 +34,8 @@ class Drainer:
     Poison rows: a publish the broker refuses (an MQTT 5 PUBACK reason code)
     has its rows sent again, each in a publish of its own; a row refused alone
     goes out as an error holding its raw body, in small parts; if that is
-    refused too, the broker refuses us rather than the row, and the loop backs
-    off and retries. A broker that closes the connection again and again while
+    refused too, the broker refuses us rather than the row: the row is held
+    back and retried with backoff while the others flow. A broker that closes the connection again and again while
     the same publishes are outstanding (a packet above its size limit, a
     payload it cannot convert) is handled alike: the connection is renewed
     without paho's resend queue, and the outstanding rows are sent one publish
@@ -249,7 +249,7 @@ class Drainer:
             topic, payload = self.connection.received.get()
             received = self.provider.config_in(topic, payload)
             if received is not None:
-                self.receiver.handle(received)
+                self.receiver.handle(received, payload)
 
     def _publish_more(self) -> bool:
         published_any = False

@@ -72,6 +72,18 @@ class QueueRow(NamedTuple):
     body: str
 
 
+def _checked_timestamp(timestamp: float) -> float:
+    """A procedure's own timestamp as SQLite and every backend can hold it, or
+    a clear ValueError for the procedure (never an OverflowError)."""
+    try:
+        value = float(timestamp)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"timestamp {timestamp!r} is not a number of seconds") from None
+    if not 0 <= value < 2**33:  # 1970 to the year 2242
+        raise ValueError(f"timestamp {timestamp!r} is not a unix time in seconds")
+    return value
+
+
 class _UtcDay:
     """The UTC date of timestamps that mostly fall on the same day, without a
     strftime per row."""
@@ -153,7 +165,7 @@ class MessagingAgent:
         their identifiers in order. Called by procedures that measure in bursts."""
         if not bodies:
             return []
-        now = time.time() if timestamp is None else timestamp
+        now = time.time() if timestamp is None else _checked_timestamp(timestamp)
         revision = self.config_revision
         # what model_dump_json() calls, without its per-call argument handling:
         # this is the hot path of every procedure

@@ -1,0 +1,299 @@
+"""No config arriving over MQTT, however malformed, may stop a station from
+measuring, lose data, or lock out the next valid config. A whole station
+(main loop, procedures, backend) runs through the CLI against a real
+Mosquitto; configs are pushed the way Tenta and ThingsBoard push them; every
+answer is read at the broker.
+
+The fuzz test's size: IVY_FUZZ_EXAMPLES (default 12 per provider; the README
+shows a larger run)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.mosquitto import Broker
+from tests.conftest import Station, template_config_dict, wait_until
+from tests.mqtt_helpers import Subscriber, broker_fixture, publish
+
+pytestmark = pytest.mark.integration
+
+SENSOR = "8c4f4b5e-2f36-4d3b-9c41-6a1f0e2b7d90"
+TB_TELEMETRY = "v1/devices/me/telemetry"
+
+
+@pytest.fixture
+def broker(tmp_path: Any) -> Iterator[Broker]:
+    yield from broker_fixture(str(tmp_path / "broker"))
+
+
+class RemoteStation:
+    """A running station with a backend, and the broker side of its provider."""
+
+    def __init__(self, station: Station, broker: Broker, provider: str) -> None:
+        self.station = station
+        self.port = broker.port
+        self.provider = provider
+        self.identifier = SENSOR if provider == "tenta" else "station-1"
+        config = template_config_dict()
+        config["general"]["system_identifier"] = self.identifier
+        config["general"]["config_revision"] = 1
+        config["dummy_procedure"]["seconds_between_datapoints"] = 1
+        config["system_checks"] = None
+        config["logging_verbosity"]["message_sending"] = None  # answers only
+        config["backend"] = {
+            "provider": provider,
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": broker.port,
+            "mqtt_client_id": f"ivy-{provider}",
+        }
+        self.valid = copy.deepcopy(config)
+        self.fuzz_sent: set[bytes] = set()
+        self.next_revision = 100
+        station.write_config(config)
+        topics = (
+            [f"logs/{SENSOR}", f"measurements/{SENSOR}", f"acknowledgments/{SENSOR}"]
+            if provider == "tenta"
+            else [TB_TELEMETRY]
+        )
+        self.subscriber = Subscriber(broker.port, topics, client_id=f"answers-{provider}")
+        started = station.cli("start")
+        assert started.returncode == 0, started.stderr
+        assert wait_until(lambda: self.measurements() > 0, timeout=60), "no data arrives"
+
+    def payload(self, revision: Any, configuration: Any, raw: bytes | None = None) -> bytes:
+        """A config as the provider's server pushes it (the revision in Tenta's
+        envelope, or in the config itself on ThingsBoard); `raw` replaces the
+        configuration's JSON text."""
+        if self.provider == "thingsboard" and raw is None and isinstance(configuration, dict):
+            configuration = copy.deepcopy(configuration)
+            general = configuration.setdefault("general", {})
+            if isinstance(general, dict):
+                general["config_revision"] = revision
+        text = raw.decode() if raw is not None else json.dumps(configuration)
+        if self.provider == "tenta":
+            return f'{{"revision": {json.dumps(revision)}, "configuration": {text}}}'.encode()
+        return f'{{"configuration": {text}}}'.encode()
+
+    def push(self, revision: Any, configuration: Any, raw: bytes | None = None) -> None:
+        """Push a config as the provider's server does."""
+        self.push_payload(self.payload(revision, configuration, raw))
+
+    def push_payload(self, payload: bytes) -> None:
+        """Push a payload exactly as given on the config topic."""
+        topic = (
+            f"configurations/{SENSOR}" if self.provider == "tenta" else "v1/devices/me/attributes"
+        )
+        publish(self.port, topic, payload)
+
+    def answers(self) -> list[dict[str, Any]]:
+        """Every config answer that reached the broker: status, revision, reason."""
+        found: list[dict[str, Any]] = []
+        if self.provider == "tenta":
+            for item in self.subscriber.items(f"logs/{SENSOR}"):
+                match = re.match(r"config revision (\S+) rejected: (.*)", item["message"], re.S)
+                if match:
+                    found.append({"status": "rejected", "revision": match[1], "reason": match[2]})
+                match = re.match(r"accepted config revision (\S+)", item["message"])
+                if match:
+                    found.append({"status": "accepted", "revision": match[1], "reason": None})
+            return found
+        for item in self.subscriber.items(TB_TELEMETRY):
+            values = item["values"]
+            if values.get("config_status") in ("rejected", "accepted"):
+                found.append(
+                    {
+                        "status": values["config_status"],
+                        "revision": str(values.get("config_revision")),
+                        "reason": values.get("config_reason"),
+                    }
+                )
+        return found
+
+    def measurements(self) -> int:
+        """Data points that reached the broker so far."""
+        if self.provider == "tenta":
+            return len(self.subscriber.items(f"measurements/{SENSOR}"))
+        return sum(
+            1 for item in self.subscriber.items(TB_TELEMETRY) if "random_walk" in item["values"]
+        )
+
+    def next_answer(self, count_before: int, timeout: float = 20) -> dict[str, Any]:
+        assert wait_until(lambda: len(self.answers()) > count_before, timeout=timeout), (
+            "no answer at the broker"
+        )
+        return self.answers()[count_before]
+
+    def alive_processes(self) -> int:
+        return len(self.station.processes())
+
+
+@pytest.fixture(params=["tenta", "thingsboard"])
+def remote(request: pytest.FixtureRequest, station: Station, broker: Broker) -> RemoteStation:
+    return RemoteStation(station, broker, request.param)
+
+
+def test_every_hostile_config_is_answered_and_the_station_keeps_measuring(
+    remote: RemoteStation,
+) -> None:
+    valid = remote.valid
+    no_general = {k: v for k, v in valid.items() if k != "general"}
+    huge = copy.deepcopy(valid)
+    huge["dummy_procedure"]["comment"] = "x" * 10_000_000
+    deep = json.dumps(valid)[:-1] + ', "deep": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    cases: list[tuple[str, Any, Any, bytes | None, str]] = [
+        ("revision 10**30", 10**30, valid, None, "config_revision"),
+        ("revision -1", -1, valid, None, "config_revision"),
+        ('revision "8"', "8", valid, None, "revision"),
+        ("revision 2**31", 2**31, valid, None, "config_revision"),
+        ("10 MB", 30, huge, None, "accepted; not parsed"),
+        ("10,000 deep", 31, None, deep.encode(), "nested deeper than 32"),
+        ("an array", 32, [valid], None, "expected a JSON object"),
+        ("null", 33, None, b"null", "expected a JSON object"),
+        ("no general", 34, no_general, None, "general"),
+    ]
+    measured_before = remote.measurements()
+    for label, revision, configuration, raw, expected in cases:
+        count = len(remote.answers())
+        remote.push(revision, configuration, raw)
+        answer = remote.next_answer(count)
+        assert answer["status"] == "rejected", (label, answer)
+        assert expected in answer["reason"], (label, answer)
+    for payload in (b"[1, 2]", b"null", b"{not json"):  # not even an envelope
+        count = len(remote.answers())
+        remote.push_payload(payload)
+        assert remote.next_answer(count)["status"] == "rejected", payload
+
+    assert remote.alive_processes() == 3  # main loop, dummy procedure, backend
+    status = remote.station.status()
+    assert all(p["alive"] and p["restarts"] == 0 for p in status["processes"].values())
+    assert wait_until(lambda: remote.measurements() > measured_before + 3, timeout=30)
+
+    good = copy.deepcopy(valid)
+    good["dummy_procedure"]["seconds_between_datapoints"] = 2
+    count = len(remote.answers())
+    remote.push(40, good)
+    answer = remote.next_answer(count)
+    assert answer["status"] == "accepted" and answer["revision"] == "40", answer
+    assert wait_until(lambda: remote.station.status()["config"]["revision"] == 40, timeout=30)
+    measured = remote.measurements()
+    assert wait_until(lambda: remote.measurements() > measured, timeout=30)
+    remote.subscriber.close()
+
+
+# --- fuzz ------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=50),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+_hostile_value = st.one_of(
+    _json,
+    st.integers(min_value=2**31, max_value=10**30),
+    st.integers(max_value=-1),
+    st.tuples(st.characters(), st.integers(100_000, 300_000)).map(lambda t: t[0] * t[1]),
+    st.integers(min_value=20, max_value=60).map(lambda n: json.loads("[" * n + "]" * n)),
+)
+# places where a hostile value is invalid or, if valid, harmless: a valid
+# config that points the backend elsewhere or turns measuring off is the
+# operator's choice (and the config trial's business), not an attack
+_paths = st.sampled_from(
+    [
+        ("general",),
+        ("general", "software_version"),
+        ("general", "config_revision"),
+        ("general", "unknown"),
+        ("backend", "max_payload_bytes"),
+        ("backend", "max_parallel_messages"),
+        ("storage", "max_queued_messages"),
+        ("storage", "retention_days"),
+        ("dummy_procedure", "comment"),
+        ("logging_verbosity", "console_prints"),
+        ("updater",),
+        ("new_section",),
+    ]
+)
+_revisions = st.one_of(
+    st.just(None),  # a fresh, valid, new revision
+    st.integers(min_value=2**31, max_value=10**30),
+    st.integers(max_value=-1),
+    st.text(max_size=5),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+def _mutated(valid: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    config = copy.deepcopy(valid)
+    node = config
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+    return config
+
+
+@settings(
+    max_examples=int(os.environ.get("IVY_FUZZ_EXAMPLES", "12")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(
+    whole=st.booleans(),
+    random_config=_json,
+    path=_paths,
+    value=_hostile_value,
+    revision=_revisions,
+    then_a_valid_one=st.integers(0, 3).map(lambda n: n == 0),
+)
+def test_fuzzed_configs_never_silence_the_station(
+    remote: RemoteStation,
+    whole: bool,
+    random_config: Any,
+    path: tuple[str, ...],
+    value: Any,
+    revision: Any,
+    then_a_valid_one: bool,
+) -> None:
+    configuration = random_config if whole else _mutated(remote.valid, path, value)
+    if revision is None:
+        revision = remote.next_revision
+        remote.next_revision += 1
+    payload = remote.payload(revision, configuration)
+    if payload in remote.fuzz_sent:
+        return  # the same message twice is answered once, by design
+    remote.fuzz_sent.add(payload)
+
+    count = len(remote.answers())
+    remote.push_payload(payload)
+    answer = remote.next_answer(count, timeout=30)
+    assert answer["status"] in ("rejected", "accepted")
+    if answer["status"] == "rejected":
+        assert answer["reason"]
+    assert wait_until(lambda: remote.alive_processes() == 3, timeout=30)
+
+    # after each: a valid config with the next revision is still accepted
+    if then_a_valid_one:
+        good = copy.deepcopy(remote.valid)
+        count = len(remote.answers())
+        remote.push(remote.next_revision, good)
+        remote.next_revision += 1
+        assert remote.next_answer(count, timeout=30)["status"] == "accepted"
+    measured = remote.measurements()
+    assert wait_until(lambda: remote.measurements() > measured, timeout=30), "data stopped"
