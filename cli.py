@@ -19,6 +19,7 @@ import click
 from src import constants
 from src.types import Config, ConfigError, State
 from src.utils import mainloop_toggle
+from src.utils.lifecycle_manager import backend_teardown_seconds
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 
@@ -36,7 +37,7 @@ def _load_config_or_fail() -> Config:
 
 
 def _stop_timeout(config: Config | None) -> float:
-    drain = (config.backend.max_drain_time + 15) if (config and config.backend) else 0
+    drain = backend_teardown_seconds(config) if config is not None else 3_600.0
     return constants.SECONDS_PER_GRACEFUL_PROCEDURE_TEARDOWN + drain + 15
 
 
@@ -218,9 +219,9 @@ def logs(lines: int) -> None:
     """Print the last lines of today's log file (UTC date)."""
     from tum_esm_utils.files import read_last_n_lines
 
-    from src.utils.functions import utc_date_string
+    from src.utils.functions import current_log_file_path
 
-    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
+    path = current_log_file_path()
     if not os.path.isfile(path):
         _fail(f"no log file for today yet ({path})")
     for line in read_last_n_lines(path, lines, ignore_trailing_whitespace=True):

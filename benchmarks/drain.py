@@ -31,7 +31,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from src import constants
-from src.backend.tenta import TentaProvider
+from src.backend.tenta_backend import TentaProvider
 from src.types import Config, DataMessageBody
 from src.utils.messaging_agent import MessagingAgent
 

@@ -32,8 +32,9 @@ VERSION: tum_esm_utils.validators.Version = tum_esm_utils.validators.Version(
     ]
 )
 
+DEFAULT_ROOT_DIR: str = os.path.join(os.path.expanduser("~"), "Documents", NAME)
 ROOT_DIR: str = os.path.abspath(
-    os.path.expanduser(os.environ.get("IVY_ROOT_DIR", "~/Documents/ivy"))
+    os.path.expanduser(os.environ.get("IVY_ROOT_DIR", "") or DEFAULT_ROOT_DIR)
 )
 
 _VERSION_DIR_PATTERN = re.compile(r"^\d+\.\d+\.\d+(-(alpha|beta|rc)\.\d+)?$")

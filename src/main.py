@@ -35,7 +35,7 @@ class Mainloop:
     def __init__(self, config: Config) -> None:
         """Prepare; nothing is started yet. Called by `run`."""
         self.config = config
-        self.logger = Logger(origin="main", config=config)
+        self.logger = Logger(config, "main")
         self.messaging_agent = MessagingAgent(config)
         self.updater = Updater(config, self.logger, self.messaging_agent)
         self.managers: list[LifecycleManager] = []
@@ -57,21 +57,21 @@ class Mainloop:
     def start_children(self) -> None:
         """Start one supervised child per enabled procedure and per backend."""
         self.managers = [
-            LifecycleManager(name, "procedure", target, self.config, self.logger)
+            LifecycleManager(self.config, target, name, "procedure", self.logger)
             for name, target in procedures.enabled_procedures(self.config).items()
         ]
         if self.config.backend is not None:
             self.managers.append(
                 LifecycleManager(
-                    "backend",
-                    "backend",
-                    backend.BACKENDS[self.config.backend.provider],
                     self.config,
+                    backend.BACKENDS[self.config.backend.provider],
+                    "backend",
+                    "backend",
                     self.logger,
                 )
             )
         for manager in self.managers:
-            manager.start()
+            manager.start_procedure()
 
     def stop_children(self) -> None:
         """Procedures first, then backends, each group in parallel."""
@@ -120,7 +120,7 @@ class Mainloop:
     def iterate(self) -> None:
         """One pass: restart dead children, apply pending configs, periodic work."""
         for manager in self.managers:
-            manager.check()
+            manager.supervise()
         self._apply_pending_configs()
         now = time.time()
         if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
@@ -181,7 +181,7 @@ class Mainloop:
             if new_config is not None:
                 self.stop_children()
                 self.config = new_config
-                self.logger = Logger(origin="main", config=new_config)
+                self.logger = Logger(new_config, "main")
                 self.updater.logger = self.logger
                 self.start_children()
 
@@ -216,7 +216,8 @@ class Mainloop:
         self.published_status = serialized
 
 
-def run(config: Config) -> None:
-    """Run the main loop in this process until it is told to stop. Called by
-    run.py, which holds the single-instance lock."""
-    Mainloop(config).run()
+def run(config: Config | None = None) -> None:
+    """Run the main loop in this process until it is told to stop (with the
+    given config, or `config/config.json`). Called by run.py, which holds the
+    single-instance lock."""
+    Mainloop(config or Config.load()).run()

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from benchmarks.mosquitto import Broker
-from src import constants
 from src.types import Config, ConfigMessageBody, DataMessageBody, LogMessageBody
-from src.utils.functions import utc_date_string
+from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from tests.conftest import PROJECT_DIR, Station, template_config_dict, wait_until
@@ -110,8 +109,7 @@ def agent_for(config: dict[str, Any]) -> MessagingAgent:
 
 
 def log_text() -> str:
-    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
-    return open(path).read() if os.path.exists(path) else ""
+    return Logger.read_current_log_file() or ""
 
 
 def sequence_numbers(items: list[dict[str, Any]]) -> list[int]:

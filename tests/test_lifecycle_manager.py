@@ -13,7 +13,6 @@ import pytest
 
 from src import constants
 from src.types import Config
-from src.utils.functions import utc_date_string
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from tests.conftest import template_config_dict, wait_until
@@ -45,18 +44,16 @@ def draining_backend(config: Config, name: str, teardown_indicator: Event) -> No
 
 def make_manager(target: object, variant: str = "procedure", **kwargs: float) -> LifecycleManager:
     config = Config.model_validate(template_config_dict())
-    return LifecycleManager("child", variant, target, config, Logger("test"), **kwargs)  # type: ignore[arg-type]
+    return LifecycleManager(config, target, "child", variant, Logger(None, "test"), **kwargs)  # type: ignore[arg-type]
 
 
 def log_text() -> str:
-    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
-    with open(path) as f:
-        return f.read()
+    return Logger.read_current_log_file() or ""
 
 
 def test_killed_child_is_restarted_and_the_cause_recorded() -> None:
     manager = make_manager(sleeping_procedure)
-    manager.start()
+    manager.start_procedure()
     try:
         first_pid = manager.status().pid
         assert first_pid is not None
@@ -64,7 +61,7 @@ def test_killed_child_is_restarted_and_the_cause_recorded() -> None:
         killed_at = time.time()
 
         def restarted() -> bool:
-            manager.check()
+            manager.supervise()
             return manager.status().pid not in (None, first_pid)
 
         assert wait_until(restarted, timeout=10)
@@ -79,10 +76,10 @@ def test_killed_child_is_restarted_and_the_cause_recorded() -> None:
 
 def test_crash_loop_backs_off_and_is_reported_once() -> None:
     manager = make_manager(crashing_procedure, first_restart_delay=0.01, max_restart_delay=0.08)
-    manager.start()
+    manager.start_procedure()
     deadline = time.time() + 30
     while manager.restarts < 8 and time.time() < deadline:
-        manager.check()
+        manager.supervise()
         time.sleep(0.005)
     teardown_in_parallel([manager])
     assert manager.restarts >= 8
@@ -96,7 +93,7 @@ def test_crash_loop_backs_off_and_is_reported_once() -> None:
 
 def test_backoff_resets_after_a_stable_run() -> None:
     manager = make_manager(sleeping_procedure, stable_seconds=0.0)
-    manager.start()
+    manager.start_procedure()
     try:
         for _ in range(3):
             pid = manager.status().pid
@@ -104,7 +101,7 @@ def test_backoff_resets_after_a_stable_run() -> None:
             os.kill(pid, signal.SIGKILL)
 
             def restarted(old_pid: int = pid) -> bool:
-                manager.check()
+                manager.supervise()
                 return manager.status().pid not in (None, old_pid)
 
             assert wait_until(restarted, timeout=10)
@@ -124,7 +121,7 @@ def test_children_do_not_run_the_parents_signal_handlers(data_dir: str) -> None:
     previous = signal.signal(signal.SIGTERM, parent_handler)
     try:
         manager = make_manager(sleeping_procedure)
-        manager.start()
+        manager.start_procedure()
         assert wait_until(manager.is_alive, timeout=5)
         teardown_in_parallel([manager])
     finally:
@@ -138,7 +135,7 @@ def test_procedure_ignoring_sigterm_is_killed_after_the_grace(
 ) -> None:
     monkeypatch.setattr(constants, "SECONDS_PER_GRACEFUL_PROCEDURE_TEARDOWN", 1)
     manager = make_manager(stubborn_procedure)
-    manager.start()
+    manager.start_procedure()
     time.sleep(0.3)  # let it install its SIG_IGN
     teardown_in_parallel([manager])
     assert manager.process is not None and manager.process.exitcode == -signal.SIGKILL
@@ -147,7 +144,7 @@ def test_procedure_ignoring_sigterm_is_killed_after_the_grace(
 
 def test_backend_gets_its_teardown_indicator_and_drains(data_dir: str) -> None:
     manager = make_manager(draining_backend, variant="backend")
-    manager.start()
+    manager.start_procedure()
     assert wait_until(manager.is_alive, timeout=5)
     teardown_in_parallel([manager])
     assert manager.process is not None and manager.process.exitcode == 0
@@ -157,7 +154,29 @@ def test_backend_gets_its_teardown_indicator_and_drains(data_dir: str) -> None:
 
 def test_no_restart_during_teardown() -> None:
     manager = make_manager(sleeping_procedure)
-    manager.start()
+    manager.start_procedure()
     teardown_in_parallel([manager])
-    manager.check()
+    manager.supervise()
     assert not manager.is_alive() and manager.restarts == 0
+
+
+def test_the_reference_api_of_the_lifecycle_manager() -> None:
+    config = Config.model_validate(template_config_dict())
+    with pytest.raises(ValueError, match="a backend entrypoint takes 3 arguments"):
+        LifecycleManager(config, sleeping_procedure, "wrong", "backend")
+    with pytest.raises(ValueError, match="a procedure entrypoint takes 2 arguments"):
+        LifecycleManager(config, draining_backend, "wrong", "procedure")
+    manager = LifecycleManager(config, sleeping_procedure, "child", "procedure")
+    assert not manager.procedure_is_running()
+    with pytest.raises(RuntimeError, match="has not been started"):
+        manager.check_procedure_status()
+    manager.start_procedure()
+    try:
+        assert manager.procedure_is_running()
+        with pytest.raises(RuntimeError, match="running already"):
+            manager.start_procedure()
+        manager.check_procedure_status()  # alive: nothing to record
+        assert manager.last_error is None
+    finally:
+        manager.teardown()
+    assert not manager.is_alive() and not manager.procedure_is_running()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from typing import Any
 
 import pytest
 
-from src import constants
 from src.types import Config
-from src.utils.functions import utc_date_string
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from tests.conftest import template_config_dict
@@ -32,17 +28,13 @@ def config_with(**verbosity: str | None) -> Config:
 
 
 def log_file_content() -> str:
-    path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(time.time())}.log")
-    if not os.path.exists(path):
-        return ""
-    with open(path) as f:
-        return f.read()
+    return Logger.read_current_log_file() or ""
 
 
 def test_each_channel_has_its_own_level(capsys: Any) -> None:
     logger = Logger(
-        "tester",
         config_with(console_prints="WARNING", file_archive="INFO", message_sending="ERROR"),
+        "tester",
     )
     logger.debug("d-line")
     logger.info("i-line")
@@ -59,7 +51,7 @@ def test_each_channel_has_its_own_level(capsys: Any) -> None:
 
 def test_channels_can_be_turned_off(capsys: Any) -> None:
     logger = Logger(
-        "quiet", config_with(console_prints=None, file_archive=None, message_sending=None)
+        config_with(console_prints=None, file_archive=None, message_sending=None), "quiet"
     )
     logger.error("nothing anywhere")
     assert capsys.readouterr().out == ""
@@ -68,7 +60,7 @@ def test_channels_can_be_turned_off(capsys: Any) -> None:
 
 
 def test_exceptions_carry_their_traceback() -> None:
-    logger = Logger("tester", config_with(message_sending="EXCEPTION"))
+    logger = Logger(config_with(message_sending="EXCEPTION"), "tester")
     try:
         raise ValueError("bad thing")
     except ValueError as e:
@@ -80,7 +72,7 @@ def test_exceptions_carry_their_traceback() -> None:
 
 
 def test_secrets_never_reach_any_channel(capsys: Any) -> None:
-    logger = Logger("leaky", config_with(console_prints="DEBUG", message_sending="DEBUG"))
+    logger = Logger(config_with(console_prints="DEBUG", message_sending="DEBUG"), "leaky")
     logger.warning("connecting with pa55-word-secret", details="password=pa55-word-secret")
     outputs = [capsys.readouterr().out, log_file_content()]
     outputs.append(
@@ -92,6 +84,6 @@ def test_secrets_never_reach_any_channel(capsys: Any) -> None:
 
 
 def test_without_config_defaults_apply_and_nothing_is_sent() -> None:
-    Logger("early").warning("no config yet")
+    Logger(None, "early").warning("no config yet")
     assert "early - WARNING - no config yet" in log_file_content()
     assert MessagingAgent().get_queue_depth() == 0

@@ -210,15 +210,14 @@ def test_every_returned_add_survives_kill_9(data_dir: str) -> None:
     rest, _ = writer.communicate(timeout=30)
     accepted += [line for line in rest.split("\n") if line.strip()]
 
-    agent = MessagingAgent(
-        None, os.path.join(data_dir, "q.sqlite3"), os.path.join(data_dir, "archive")
-    )
+    paths = (os.path.join(data_dir, "q.sqlite3"), os.path.join(data_dir, "archive"))
+    agent = MessagingAgent(None, *paths)
     queued = {agent.identifier_of(r.id) for r in agent.get_n_latest_rows(1_000_000)}
     missing_from_queue = [i for i in accepted if i not in queued]
     agent.flush_archive()
     archived: set[str] = set()
-    for name in os.listdir(os.path.join(data_dir, "archive")):
-        archived |= {m.identifier for m in agent.load_message_archive(name[:10])}
+    for name in os.listdir(paths[1]):
+        archived |= {m.identifier for m in MessagingAgent.load_message_archive(name[:10], *paths)}
     missing_from_archive = [i for i in accepted if i not in archived]
     print(f"accepted {len(accepted)}, queued {len(queued)}, archived {len(archived)}")
     assert len(accepted) >= 300

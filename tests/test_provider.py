@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from src.backend.provider import Provider, Publish, pack_rows, split_text
-from src.backend.tenta import TentaProvider
-from src.backend.thingsboard import ThingsBoardProvider
+from src.backend.tenta_backend import TentaProvider
+from src.backend.thingsboard_backend import ThingsBoardProvider
 from src.types import Config, ConfigMessageBody, DataMessageBody, LogMessageBody
 from src.utils.messaging_agent import QueueRow
 from tests.conftest import template_config_dict

@@ -23,7 +23,7 @@ def make_updater() -> tuple[Updater, MessagingAgent]:
     config = Config.model_validate(template_config_dict())
     config.dump()
     agent = MessagingAgent(config)
-    return Updater(config, Logger("updater-test", config), agent), agent
+    return Updater(config, Logger(config, "updater-test"), agent), agent
 
 
 def foreign(revision: int, **changes: Any) -> ForeignConfig:

@@ -35,20 +35,21 @@ class Drainer:
     has its rows sent again, each in a publish of its own; a row refused alone
     goes out as an error holding its raw body, in small parts; if that is
     refused too, the broker refuses us rather than the row: the row is held
-    back and retried with backoff while the others flow. A broker that closes the connection again and again while
-    the same publishes are outstanding (a packet above its size limit, a
-    payload it cannot convert) is handled alike: the connection is renewed
-    without paho's resend queue, and the outstanding rows are sent one publish
-    at a time until the culprit is found; if even its error form closes the
-    connection, the row is dropped from the queue (it stays in the archive).
-    Poison rows are counted in the queue's `poisoned` counter.
+    back and retried with backoff while the others flow. A broker that closes
+    the connection again and again while the same publishes are outstanding
+    (a packet above its size limit, a payload it cannot convert) is handled
+    alike: the connection is renewed without paho's resend queue, and the
+    outstanding rows are sent one publish at a time until the culprit is
+    found; if even its error form closes the connection, the row is dropped
+    from the queue (it stays in the archive). Poison rows are counted in the
+    queue's `poisoned` counter.
     """
 
     def __init__(self, config: Config, name: str, provider: Provider) -> None:
         """Open the queue and prepare the connection."""
         assert config.backend is not None
         self.backend = config.backend
-        self.logger = Logger(origin=name, config=config)
+        self.logger = Logger(config, name)
         self.messaging_agent = MessagingAgent(config)
         self.provider = provider
         self.receiver = ConfigReceiver(config, self.logger, self.messaging_agent)

@@ -16,7 +16,7 @@ def run(config: Config, name: str) -> None:
     """Measure forever. Runs in its own process, started by the main loop."""
     assert config.dummy_procedure is not None
     interval = config.dummy_procedure.seconds_between_datapoints
-    logger = Logger(origin=name, config=config)
+    logger = Logger(config, name)
     messaging_agent = MessagingAgent(config)
     value = StateInterface.load().dummy_procedure.last_value or 0.0
     logger.info(f"starting at {value:.3f}, one data point every {interval} s")

@@ -54,7 +54,7 @@ def run(config: Config, name: str) -> None:
     """Check forever. Runs in its own process, started by the main loop."""
     assert config.system_checks is not None
     interval = config.system_checks.seconds_between_checks
-    logger = Logger(origin=name, config=config)
+    logger = Logger(config, name)
     messaging_agent = MessagingAgent(config)
     logger.info(f"checking the system every {interval} s")
     while True:

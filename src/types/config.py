@@ -192,6 +192,10 @@ class BackendConfig(_Section):
     )
 
 
+# the reference API's name for the broker settings of the backend section
+MQTTBrokerConfig = BackendConfig
+
+
 class DummyProcedureConfig(_Section):
     seconds_between_datapoints: int = Field(
         10, ge=1, le=86_400, description="One random-walk data point per interval."
@@ -248,11 +252,11 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         return self
 
     @staticmethod
-    def load_from_string(content: str, source: str = "config") -> Config:
+    def load_from_string(c: str, source: str = "config") -> Config:
         """Parse and validate a JSON config; raise `ConfigError` naming every bad
         field. Called by the main loop, the CLI and the updater."""
         try:
-            return Config.model_validate_json(content)
+            return Config.model_validate_json(c)
         except pydantic.ValidationError as e:
             raise ConfigError(format_validation_error(e, source)) from None
 
@@ -289,7 +293,9 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         return ForeignConfig.model_validate_json(self.to_json(reveal_secrets=True))
 
 
-class _ForeignGeneralConfig(pydantic.BaseModel):
+class ForeignGeneralConfig(pydantic.BaseModel):
+    """`general` of a config for any version: revision and version only."""
+
     model_config = pydantic.ConfigDict(extra="allow", strict=True)
     config_revision: Revision
     software_version: Version
@@ -301,12 +307,29 @@ class ForeignConfig(pydantic.BaseModel):
     version that will run it."""
 
     model_config = pydantic.ConfigDict(extra="allow", strict=True)
-    general: _ForeignGeneralConfig
+    general: ForeignGeneralConfig
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON data, secrets included."""
         result: dict[str, Any] = json.loads(self.model_dump_json())
         return result
+
+    @staticmethod
+    def load_from_string(c: str) -> ForeignConfig:
+        """Parse a received config (revision and version checked only); raise
+        `ConfigError` naming every bad field."""
+        try:
+            return ForeignConfig.model_validate_json(c)
+        except pydantic.ValidationError as e:
+            raise ConfigError(format_validation_error(e, "received config")) from None
+
+    def dump(self, path: str | None = None) -> None:
+        """Write this config atomically as `config/config.json` (of this
+        installation, or `path`), secrets included. Called by the updater when
+        it installs a config for another version."""
+        write_atomically(
+            path or constants.CONFIG_PATH, json.dumps(self.to_dict(), indent=4) + "\n"
+        )
 
 
 def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[str]:

@@ -1,9 +1,18 @@
 """Small helpers without a home of their own."""
 
+import contextlib
 import datetime
+import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from typing import Any
+
+import filelock
+
+from src import constants
+from src.types import LogLevel
 
 _DATED_FILE_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})\.")
 
@@ -11,6 +20,13 @@ _DATED_FILE_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})\.")
 def utc_date_string(timestamp: float) -> str:
     """The UTC date (YYYY-MM-DD) of a unix timestamp; names archive and log files."""
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def current_log_file_path(now: float | None = None) -> str:
+    """`logs/YYYY-MM-DD.log` for the UTC day of `now` (default: now). Called by
+    the logger, `ivy logs` and tests."""
+    day = utc_date_string(time.time() if now is None else now)
+    return os.path.join(constants.LOGS_DIR, f"{day}.log")
 
 
 def get_time_to_next_datapoint(
@@ -52,3 +68,53 @@ def delete_expired_dated_files(
             os.remove(os.path.join(directory, name))
             deleted.append(name)
     return deleted
+
+
+def log_level_is_visible(min_log_level: LogLevel | None, log_level: LogLevel) -> bool:
+    """Whether a line at `log_level` passes a channel set to `min_log_level`
+    (None: the channel is off). Called by the logger."""
+    return min_log_level is not None and (
+        constants.LOGGING_LEVEL_PRIORITIES[log_level]
+        >= constants.LOGGING_LEVEL_PRIORITIES[min_log_level]
+    )
+
+
+@contextlib.contextmanager
+def with_automation_lock() -> Iterator[None]:
+    """Hold the single-instance lock of this installation (`data/ivy.lock`)
+    for the block; raise TimeoutError at once when another instance holds it.
+    The main loop's children inherit it, so while any process of Ivy lives the
+    lock is taken. Called by run.py (and by tests that must not run beside a
+    station)."""
+    os.makedirs(os.path.dirname(constants.MAINLOOP_LOCK_PATH), exist_ok=True)
+    with filelock.FileLock(constants.MAINLOOP_LOCK_PATH, timeout=0):
+        yield
+
+
+def publish_mqtt_message(
+    topic: str,
+    message: dict[Any, Any],
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    sleep: float,
+) -> None:
+    """Publish one JSON message with QoS 1, wait for its PUBACK, then wait
+    `sleep` seconds. For operators and tests that poke a broker by hand; the
+    backends keep their own connection."""
+    import paho.mqtt.client as mqtt  # only this helper needs paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    if username or password:
+        client.username_pw_set(username, password)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, json.dumps(message).encode(), qos=1)
+        info.wait_for_publish(timeout=30)
+        time.sleep(sleep)
+    finally:
+        client.disconnect()
+        client.loop_stop()

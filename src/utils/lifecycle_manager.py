@@ -10,6 +10,7 @@ consecutive crashes resets once a child has run for `stable_seconds`.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.synchronize
@@ -82,22 +83,35 @@ class LifecycleManager:
 
     def __init__(
         self,
+        config: Config,
+        entrypoint: ProcedureTarget | BackendTarget,
         name: str,
         variant: Literal["procedure", "backend"],
-        target: Callable[..., None],
-        config: Config,
-        logger: Logger,
+        logger: Logger | None = None,
         first_restart_delay: float = 0.25,
         max_restart_delay: float = 60.0,
         stable_seconds: float = 60.0,
         crash_loop_threshold: int = 3,
     ) -> None:
-        """Prepare (but do not start) the child. Called by the main loop."""
+        """Prepare (but do not start) the child. Raise ValueError when the
+        entrypoint's signature does not fit the variant: a procedure takes
+        (config, name), a backend (config, name, teardown_indicator). Called by
+        the main loop."""
+        expected = 2 if variant == "procedure" else 3
+        try:
+            parameters = len(inspect.signature(entrypoint).parameters)
+        except (TypeError, ValueError):
+            parameters = -1
+        if parameters != expected:
+            raise ValueError(
+                f"{name}: a {variant} entrypoint takes {expected} arguments, "
+                f"{getattr(entrypoint, '__qualname__', entrypoint)!s} takes {parameters}"
+            )
         self.name = name
         self.variant: Literal["procedure", "backend"] = variant
-        self.target = target
+        self.target = entrypoint
         self.config = config
-        self.logger = logger
+        self.logger = logger or Logger(config, "main")
         self.first_restart_delay = first_restart_delay
         self.max_restart_delay = max_restart_delay
         self.stable_seconds = stable_seconds
@@ -114,8 +128,26 @@ class LifecycleManager:
         self.next_start_at: float | None = None
         self.tearing_down = False
 
-    def start(self) -> None:
-        """Fork the child now."""
+    def start_procedure(self) -> None:
+        """Start the child; RuntimeError when it runs already."""
+        if self.is_alive():
+            raise RuntimeError(f"{self.name} is running already")
+        self._fork()
+
+    def procedure_is_running(self) -> bool:
+        """Whether the child was started (and not torn down); does not check
+        that it is still alive (see `is_alive`)."""
+        return self.process is not None and not self.tearing_down
+
+    def check_procedure_status(self, now: float | None = None) -> None:
+        """Notice a child that died: record and log why, and schedule its
+        restart with backoff. RuntimeError when it was never started."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        if not self.tearing_down and not self.process.is_alive() and self.next_start_at is None:
+            self._record_crash(time.time() if now is None else now)
+
+    def _fork(self) -> None:
         reader, writer = _CONTEXT.Pipe(duplex=False)
         args: tuple[object, ...] = (
             (self.config, self.name, self.teardown_indicator)
@@ -147,17 +179,16 @@ class LifecycleManager:
         `multiprocessing.connection.wait` in the main loop."""
         return self.process.sentinel if self.is_alive() and self.process else None
 
-    def check(self, now: float | None = None) -> None:
-        """Notice a dead child and restart it when its backoff has passed. Called
+    def supervise(self, now: float | None = None) -> None:
+        """Check the child and restart it once its backoff has passed. Called
         by the main loop on every iteration."""
         now = time.time() if now is None else now
-        if self.tearing_down:
+        if self.tearing_down or self.process is None:
             return
-        if self.process is not None and not self.process.is_alive() and self.next_start_at is None:
-            self._record_crash(now)
+        self.check_procedure_status(now)
         if self.next_start_at is not None and now >= self.next_start_at:
             self.restarts += 1
-            self.start()
+            self._fork()
 
     def seconds_until_next_start(self, now: float | None = None) -> float | None:
         """How long until a scheduled restart is due; None when none is."""
@@ -227,9 +258,16 @@ class LifecycleManager:
 
     def teardown_deadline_seconds(self) -> float:
         """How long the child may take to stop before it is killed."""
-        if self.variant == "backend" and self.config.backend is not None:
-            return float(self.config.backend.max_drain_time + 15)
+        if self.variant == "backend":
+            return backend_teardown_seconds(self.config)
         return float(constants.SECONDS_PER_GRACEFUL_PROCEDURE_TEARDOWN)
+
+    def teardown(self) -> None:
+        """Stop the child: SIGTERM for a procedure, the teardown indicator for
+        a backend (which drains first); SIGKILL when it has not stopped within
+        its deadline."""
+        self.request_teardown()
+        self.finish_teardown(time.time() + self.teardown_deadline_seconds())
 
     def finish_teardown(self, deadline: float) -> None:
         """Wait for the child until `deadline` (unix time), then SIGKILL it."""
@@ -255,6 +293,12 @@ class LifecycleManager:
             last_error=self.last_error,
             started_at=self.started_at if alive else None,
         )
+
+
+def backend_teardown_seconds(config: Config) -> float:
+    """How long a backend may drain on teardown before it is killed
+    (`max_drain_time` + 15 s). Used by the lifecycle manager and `ivy stop`."""
+    return float((config.backend.max_drain_time if config.backend is not None else 0) + 15)
 
 
 def teardown_in_parallel(managers: Sequence[LifecycleManager]) -> None:

@@ -12,13 +12,13 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, Literal
 
 from src import constants
 from src.types import Config, LoggingVerbosityConfig, LogLevel, LogMessageBody
 from src.types.config import REDACTED, SECRET_FIELD_NAMES
 
-from .functions import utc_date_string
+from .functions import current_log_file_path, log_level_is_visible
 from .messaging_agent import MessagingAgent
 
 
@@ -39,9 +39,10 @@ def _collect_secret_values(value: Any) -> set[str]:
 class Logger:
     """A logger for one origin (a procedure's name, "main", "backend", ...)."""
 
-    def __init__(self, origin: str, config: Config | None = None) -> None:
-        """Create a logger. Without a config (before one could be loaded) it uses
-        the default levels and does not send messages. Called once per process."""
+    def __init__(self, config: Config | None, origin: str) -> None:
+        """Create a logger for `origin`. Without a config (before one could be
+        loaded) it uses the default levels and does not send messages. Called
+        once per process."""
         self.origin = origin
         self.config = config
         self.verbosity = config.logging_verbosity if config else LoggingVerbosityConfig()
@@ -55,23 +56,39 @@ class Logger:
         self._messaging_agent: MessagingAgent | None = None
         self._sending = False
 
-    def debug(self, message: str, details: str = "") -> None:
-        """Log at DEBUG level."""
-        self._log("DEBUG", message, details)
+    def debug(self, message: str, details: str | None = None) -> None:
+        """Log at DEBUG level; `details` go on indented lines below."""
+        self._log("DEBUG", message, details or "")
 
-    def info(self, message: str, details: str = "") -> None:
+    def info(self, message: str, details: str | None = None) -> None:
         """Log at INFO level."""
-        self._log("INFO", message, details)
+        self._log("INFO", message, details or "")
 
-    def warning(self, message: str, details: str = "") -> None:
+    def warning(self, message: str, details: str | None = None) -> None:
         """Log at WARNING level."""
-        self._log("WARNING", message, details)
+        self._log("WARNING", message, details or "")
 
-    def error(self, message: str, details: str = "") -> None:
+    def error(self, message: str, details: str | None = None) -> None:
         """Log at ERROR level."""
-        self._log("ERROR", message, details)
+        self._log("ERROR", message, details or "")
 
-    def exception(self, e: BaseException, label: str | None = None, details: str = "") -> None:
+    def horizontal_line(self, fill_char: Literal["-", "=", ".", "_"] = "-") -> None:
+        """Write a separator line (INFO) to the console and the log file."""
+        self._log("INFO", fill_char * 64, "")
+
+    @staticmethod
+    def read_current_log_file() -> str | None:
+        """Today's log file (UTC), or None when there is none yet. Called by
+        `ivy logs` and tests."""
+        try:
+            with open(current_log_file_path(), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def exception(
+        self, e: BaseException, label: str | None = None, details: str | None = None
+    ) -> None:
         """Log an exception with its traceback at EXCEPTION level; `label` says
         what was being done."""
         subject = f"{label}: {type(e).__name__}: {e}" if label else f"{type(e).__name__}: {e}"
@@ -83,12 +100,6 @@ class Logger:
             text = text.replace(secret, REDACTED)
         return text
 
-    def _enabled(self, channel_level: LogLevel | None, level: LogLevel) -> bool:
-        return channel_level is not None and (
-            constants.LOGGING_LEVEL_PRIORITIES[level]
-            >= constants.LOGGING_LEVEL_PRIORITIES[channel_level]
-        )
-
     def _log(self, level: LogLevel, message: str, details: str) -> None:
         message, details = self._redact(message), self._redact(details)
         now = time.time()
@@ -99,19 +110,19 @@ class Logger:
         if details:
             text += "".join(f"    {line}\n" for line in details.strip("\n").splitlines())
 
-        if self._enabled(self.verbosity.console_prints, level):
+        if log_level_is_visible(self.verbosity.console_prints, level):
             sys.stdout.write(text)
             sys.stdout.flush()
-        if self._enabled(self.verbosity.file_archive, level):
+        if log_level_is_visible(self.verbosity.file_archive, level):
             self._write_to_file(now, text)
-        if self.config is not None and self._enabled(self.verbosity.message_sending, level):
+        if self.config is not None and log_level_is_visible(self.verbosity.message_sending, level):
             self._send(level, message, details)
 
     def _write_to_file(self, now: float, text: str) -> None:
         os.makedirs(constants.LOGS_DIR, exist_ok=True)
         # one write() on an O_APPEND descriptor: lines of concurrent processes
         # never interleave
-        path = os.path.join(constants.LOGS_DIR, f"{utc_date_string(now)}.log")
+        path = current_log_file_path(now)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, text.encode())

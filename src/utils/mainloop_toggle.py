@@ -20,18 +20,11 @@ from src import constants
 
 from .state_interface import StateInterface
 
+SCRIPT_PATH: str = os.path.join(constants.PROJECT_DIR, "run.py")
+
 
 class MainloopToggleError(Exception):
     """Starting or stopping the main loop did not work; the message says why."""
-
-
-def acquire_mainloop_lock() -> filelock.BaseFileLock:
-    """Take the single-instance lock without waiting; raise `filelock.Timeout`
-    when another main loop holds it. Called by run.py."""
-    os.makedirs(os.path.dirname(constants.MAINLOOP_LOCK_PATH), exist_ok=True)
-    lock = filelock.FileLock(constants.MAINLOOP_LOCK_PATH, timeout=0)
-    lock.acquire()
-    return lock
 
 
 def is_running() -> bool:
@@ -65,7 +58,7 @@ def start_mainloop(timeout: float = 60.0) -> int:
     output_offset = _file_size(constants.MAINLOOP_OUTPUT_PATH)
     with open(constants.MAINLOOP_OUTPUT_PATH, "ab") as output:
         process = subprocess.Popen(
-            [sys.executable, os.path.join(constants.PROJECT_DIR, "run.py")],
+            [sys.executable, SCRIPT_PATH],
             cwd=constants.PROJECT_DIR,
             stdin=subprocess.DEVNULL,
             # the console channel is for foreground runs (systemd's journal);
@@ -129,3 +122,32 @@ def _read_from(path: str, offset: int) -> str:
             return f.read()[-4000:]
     except OSError:
         return ""
+
+
+class MainloopToggle:
+    """The reference API's names for starting and stopping the main loop in
+    the background (the functions above do the work)."""
+
+    @staticmethod
+    def get_mainloop_pids() -> list[int]:
+        """The pids of the main loop and its children; empty when it is not
+        running."""
+        pid = get_mainloop_pid()
+        if pid is None:
+            return []
+        try:
+            return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    @staticmethod
+    def start_mainloop() -> None:
+        """Start the main loop in the background and print its pid."""
+        print(f"started the main loop (pid {start_mainloop()})")
+
+    @staticmethod
+    def stop_mainloop() -> None:
+        """Stop the main loop and its children and print their pids."""
+        pids = MainloopToggle.get_mainloop_pids()
+        stop_mainloop(constants.SECONDS_PER_GRACEFUL_PROCEDURE_TEARDOWN + 3_600 + 15)
+        print(f"stopped the main loop (pids {pids})")

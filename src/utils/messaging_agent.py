@@ -31,7 +31,22 @@ from typing import NamedTuple
 import pydantic
 
 from src import constants
-from src.types import Config, MessageArchiveItem, MessageBody, MessageQueueItem, StorageConfig
+from src.types import (
+    Config,
+    ConfigError,
+    MessageArchiveItem,
+    MessageBody,
+    MessageQueueItem,
+    StorageConfig,
+)
+
+from .functions import utc_date_string
+
+# the reference API's module-level paths (the agent reads src.constants at
+# call time, so that tests and tools can point it elsewhere)
+ACTIVE_QUEUE_FILE: str = constants.MESSAGE_QUEUE_PATH
+MESSAGE_ARCHIVE_DIR: str = constants.MESSAGE_ARCHIVE_DIR
+MESSAGE_ARCHIVE_DIR_LOCK: str = os.path.join(constants.DATA_DIR, "messages.lock")
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS queue (
@@ -84,6 +99,13 @@ def _checked_timestamp(timestamp: float) -> float:
     return value
 
 
+def _running_config() -> Config | None:
+    try:
+        return Config.load()
+    except ConfigError:
+        return None
+
+
 class _UtcDay:
     """The UTC date of timestamps that mostly fall on the same day, without a
     strftime per row."""
@@ -111,8 +133,12 @@ class MessagingAgent:
         queue_path: str | None = None,
         archive_dir: str | None = None,
     ) -> None:
-        """Open (and create) the queue. Called by every process that produces or
-        sends messages, once at its start."""
+        """Open (and create) the queue. Messages are stamped with the config's
+        revision; without a config, the running `config/config.json`'s (or
+        none, 0, when it cannot be read). Called by every process that
+        produces or sends messages, once at its start."""
+        if config is None:
+            config = _running_config()
         storage = config.storage if config is not None else StorageConfig()
         self.config_revision = config.general.config_revision if config is not None else 0
         self.max_queued_messages = storage.max_queued_messages
@@ -130,6 +156,15 @@ class MessagingAgent:
                 parameters = (secrets.randbits(62),) if "?" in statement else ()
                 self.connection.execute(statement, parameters)
         self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
+
+    def teardown(self) -> None:
+        """Close the connection to the queue (the reference API's name)."""
+        self.close()
+
+    @staticmethod
+    def get_message_archive_file() -> str:
+        """Today's archive file (UTC date), `messages/YYYY-MM-DD.jsonl`."""
+        return os.path.join(constants.MESSAGE_ARCHIVE_DIR, f"{utc_date_string(time.time())}.jsonl")
 
     def close(self) -> None:
         """Close the connection; the agent cannot be used afterwards."""
@@ -153,10 +188,10 @@ class MessagingAgent:
 
     # --- producing -------------------------------------------------------------
 
-    def add_message(self, body: MessageBody, timestamp: float | None = None) -> str:
+    def add_message(self, message_body: MessageBody, timestamp: float | None = None) -> str:
         """Queue and archive one message; return its identifier once it is
         durable on disk. Called by procedures, the logger and the updater."""
-        return self.add_messages([body], timestamp)[0]
+        return self.add_messages([message_body], timestamp)[0]
 
     def add_messages(
         self, bodies: Sequence[MessageBody], timestamp: float | None = None
@@ -257,10 +292,11 @@ class MessagingAgent:
             for row in self.get_n_latest_rows(n, excluded_message_ids)
         ]
 
-    def remove_messages(self, message_ids: Sequence[int]) -> None:
+    def remove_messages(self, message_ids: Iterable[int]) -> None:
         """Delete rows whose delivery the broker has acknowledged (archiving them
         first if the main loop has not yet). Ids that are already gone (dropped
         by the size cap) are ignored. Called by the backend."""
+        message_ids = list(message_ids)
         if not message_ids:
             return
         with self._transaction():
@@ -364,11 +400,21 @@ class MessagingAgent:
         finally:
             os.close(fd)
 
-    def load_message_archive(self, date: datetime.date | str) -> list[MessageArchiveItem]:
-        """Every archived message of a UTC day, in the order written: the JSONL file
-        plus the queued rows not yet flushed to it. Lines that do not parse (a
-        torn last line after a power loss) are skipped. Called by tests and
+    @staticmethod
+    def load_message_archive(
+        date: datetime.date | str, queue_path: str | None = None, archive_dir: str | None = None
+    ) -> list[MessageArchiveItem]:
+        """Every archived message of a UTC day, in the order written: the JSONL
+        file plus the queued rows not yet flushed to it. Lines that do not parse
+        (a torn last line after a power loss) are skipped. Called by tests and
         operators."""
+        agent = MessagingAgent(None, queue_path, archive_dir)
+        try:
+            return agent._load_archive_day(date)
+        finally:
+            agent.close()
+
+    def _load_archive_day(self, date: datetime.date | str) -> list[MessageArchiveItem]:
         day = datetime.date.fromisoformat(date) if isinstance(date, str) else date
         lines: list[str] = []
         path = os.path.join(self.archive_dir, f"{day.isoformat()}.jsonl")

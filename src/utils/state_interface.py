@@ -23,6 +23,9 @@ from src.types.atomic_file import write_atomically
 from .logger import Logger
 
 _LOCK_TIMEOUT_SECONDS = 30
+# the reference API's module-level paths (read from src.constants at call time)
+STATE_FILE: str = constants.STATE_PATH
+STATE_FILE_LOCK: str = constants.STATE_LOCK_PATH
 
 
 class StateInterface:
@@ -65,7 +68,7 @@ class StateInterface:
                 f"{constants.STATE_PATH}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
             )
             os.replace(constants.STATE_PATH, aside)
-            Logger(origin="state-interface").error(
+            Logger(None, "state-interface").error(
                 f"state file could not be read and was moved to {aside}; starting from defaults",
                 details=str(e),
             )

@@ -66,11 +66,16 @@ def mark_config_revision_rejected(revision: int) -> None:
 class Updater:
     """Decides about pending configs. Used by the main loop only."""
 
-    def __init__(self, config: Config, logger: Logger, messaging_agent: MessagingAgent) -> None:
+    def __init__(
+        self,
+        config: Config,
+        logger: Logger | None = None,
+        messaging_agent: MessagingAgent | None = None,
+    ) -> None:
         """Prepare to judge configs against the running `config`."""
         self.config = config
-        self.logger = logger
-        self.messaging_agent = messaging_agent
+        self.logger = logger or Logger(config, "updater")
+        self.messaging_agent = messaging_agent or MessagingAgent(config)
 
     def handle(self, foreign_config: ForeignConfig) -> Config | None:
         """Apply one pending config; return the new `Config` when the children must
