@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from src import constants
+from src import procedures as procedure_modules
 from src.types import Config, ConfigError, State
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
@@ -62,7 +63,8 @@ def cli() -> None:
 @cli.command()
 def start() -> None:
     """Start the main loop in the background; return once it is up."""
-    _load_config_or_fail()
+    for problem in _procedure_problems(_load_config_or_fail()):
+        click.echo(f"warning: {problem}", err=True)
     try:
         pid = mainloop_toggle.start_mainloop()
     except mainloop_toggle.MainloopToggleError as e:
@@ -248,10 +250,29 @@ def config_init() -> None:
 def config_check(path: str | None) -> None:
     """Validate config/config.json (or PATH); exit 1 naming every bad field."""
     try:
-        Config.load(path or constants.CONFIG_PATH)
+        config = Config.load(path or constants.CONFIG_PATH)
     except ConfigError as e:
         _fail(str(e))
+    problems = _procedure_problems(config)
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
+    if procedure_modules.PROBLEMS:
+        _fail(f"{path or constants.CONFIG_PATH} is valid, but procedure modules are broken")
     click.echo(f"{path or constants.CONFIG_PATH} is valid")
+
+
+def _procedure_problems(config: Config) -> list[str]:
+    """Broken procedure modules, and procedures that have no config section
+    (they do not run)."""
+    problems = list(procedure_modules.PROBLEMS.values())
+    sections = set((config.__pydantic_extra__ or {}).keys())
+    for name in procedure_modules.PROCEDURES:
+        if name not in sections:
+            problems.append(
+                f"procedure {name} has no section in the config, so it does not run "
+                f'(add "{name}": {{...}}, or "{name}": null to say so)'
+            )
+    return problems
 
 
 @config.command("show")

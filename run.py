@@ -9,7 +9,7 @@ import sys
 
 def main() -> int:
     """Run the main loop in the foreground; used by `ivy start` and by systemd."""
-    from src import constants
+    from src import constants, procedures  # noqa: F401 - registers their config sections
     from src.types import Config, ConfigError
     from src.utils.functions import with_automation_lock
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from src import procedures  # noqa: F401 - registers the procedures' config sections
+
 
 @dataclass
 class Figure:

@@ -56,10 +56,17 @@ class Mainloop:
 
     def start_children(self) -> None:
         """Start one supervised child per enabled procedure and per backend."""
-        self.managers = [
-            LifecycleManager(self.config, target, name, "procedure", self.logger)
-            for name, target in procedures.enabled_procedures(self.config).items()
-        ]
+        self.managers = []
+        for name in self.config.enabled_procedure_names():
+            if name in procedures.PROCEDURES:
+                run = procedures.PROCEDURES[name].run
+                self.managers.append(
+                    LifecycleManager(self.config, run, name, "procedure", self.logger)
+                )
+            else:
+                self.logger.error(
+                    f"procedure {name} does not run", details=procedures.PROBLEMS.get(name)
+                )
         if self.config.backend is not None:
             self.managers.append(
                 LifecycleManager(

@@ -23,7 +23,7 @@ import pytest
 os.environ["IVY_DATA_DIR"] = tempfile.mkdtemp(prefix="ivy-test-data-")
 os.environ["IVY_ROOT_DIR"] = tempfile.mkdtemp(prefix="ivy-test-root-")
 
-from src import constants
+from src import constants, procedures  # noqa: F401 - registers the procedures' config sections
 
 PROJECT_DIR = constants.PROJECT_DIR
 _DATA_PATH_CONSTANTS = {

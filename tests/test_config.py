@@ -52,7 +52,7 @@ def error_for(path: str, value: Any) -> str:
 def test_template_is_valid() -> None:
     config = Config.load_template()
     assert config.backend is None
-    assert config.dummy_procedure is not None and config.system_checks is not None
+    assert config.enabled_procedure_names() == ["dummy_procedure", "system_checks"]
 
 
 @pytest.mark.parametrize(

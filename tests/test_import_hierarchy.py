@@ -1,6 +1,7 @@
 """DESIGN §1: constants -> types -> utils -> procedures/backend -> main; a module
 never imports from a layer to its right, and procedures and backends never
-import each other."""
+import each other. A package's `__main__` (run with `python -m`, imported by
+nothing) counts as the top layer."""
 
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def find_violations(project_dir: str) -> list[str]:
             path = os.path.join(directory, name)
             relative = os.path.relpath(path, project_dir)[:-3].replace(os.sep, ".")
             module = relative.removesuffix(".__init__")
-            own = layer_of(module)
+            # `python -m src.x` entry points are programs, never imported: they
+            # stand on top, like the main loop
+            own = "main" if module.endswith(".__main__") else layer_of(module)
             if own is None:
                 continue
             for imported in imports_of(path, module):

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 
+import pydantic
 import pytest
 
 from src import constants
+from src.procedures.dummy_procedure import DummyProcedureState
+from src.types import State
 from src.utils.state_interface import StateInterface
 
 pytestmark = pytest.mark.quick
 
 
+def walk(state: State) -> DummyProcedureState:
+    return state.procedure_state("dummy_procedure", DummyProcedureState)
+
+
 def _increment(times: int) -> None:
     for _ in range(times):
         with StateInterface.update() as state:
-            state.dummy_procedure.last_value = (state.dummy_procedure.last_value or 0) + 1
+            walk(state).last_value = (walk(state).last_value or 0) + 1
 
 
 def test_concurrent_updates_lose_nothing() -> None:
@@ -27,16 +35,16 @@ def test_concurrent_updates_lose_nothing() -> None:
     for w in workers:
         w.join(timeout=120)
         assert w.exitcode == 0
-    assert StateInterface.load().dummy_procedure.last_value == 4000
+    assert walk(StateInterface.load()).last_value == 4000
 
 
 def test_failed_update_writes_nothing() -> None:
     with StateInterface.update() as state:
-        state.dummy_procedure.last_value = 1.0
+        walk(state).last_value = 1.0
     with pytest.raises(RuntimeError), StateInterface.update() as state:
-        state.dummy_procedure.last_value = 2.0
+        walk(state).last_value = 2.0
         raise RuntimeError("boom")
-    assert StateInterface.load().dummy_procedure.last_value == 1.0
+    assert walk(StateInterface.load()).last_value == 1.0
     leftovers = [f for f in os.listdir(constants.DATA_DIR) if f.startswith(".state.json")]
     assert leftovers == []
 
@@ -62,3 +70,41 @@ def test_unknown_keys_from_another_version_are_ignored() -> None:
     with open(constants.STATE_PATH, "w") as f:
         f.write('{"mainloop": {"pid": 7}, "a_future_field": [1, 2]}')
     assert StateInterface.load().mainloop.pid == 7
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic warns about the bad value too
+def test_a_wrong_type_is_refused_at_the_writer_and_the_file_stays_intact() -> None:
+    with StateInterface.update() as state:
+        walk(state).last_value = 1.5
+    before = open(constants.STATE_PATH).read()
+    with pytest.raises(pydantic.ValidationError, match="last_value") as info:
+        with StateInterface.update() as state:
+            walk(state).last_value = "high"  # type: ignore[assignment]
+    assert "high" in str(info.value)  # the value, for the writer
+    # a mutation that bypasses assignment validation is caught before writing
+    with pytest.raises(ValueError, match="rejected_config_revisions"):
+        with StateInterface.update() as state:
+            state.rejected_config_revisions.append("x")  # type: ignore[arg-type]
+    assert open(constants.STATE_PATH).read() == before
+    assert walk(StateInterface.load()).last_value == 1.5
+
+
+def test_the_reference_example_of_a_datetime_works() -> None:
+    now = datetime.datetime.now()
+    with StateInterface.update() as state:
+        state.system.last_boot_time = now  # type: ignore[assignment]
+    assert StateInterface.load().system.last_boot_time == pytest.approx(now.timestamp())
+
+
+def test_at_most_three_corrupt_copies_are_kept() -> None:
+    for i in range(5):  # older copies, as a station corrupting its state often would have
+        with open(os.path.join(constants.DATA_DIR, f"state.json.corrupt-20200101T00000{i}"), "w"):
+            pass
+    with open(constants.STATE_PATH, "w") as f:
+        f.write("{broken")
+    StateInterface.load()
+    aside = sorted(f for f in os.listdir(constants.DATA_DIR) if f.startswith("state.json.corrupt-"))
+    assert len(aside) == 3
+    assert aside[:2] == ["state.json.corrupt-20200101T000003", "state.json.corrupt-20200101T000004"]
+    with open(os.path.join(constants.DATA_DIR, aside[2])) as f:
+        assert f.read() == "{broken"  # the newest evidence is kept

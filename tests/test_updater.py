@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from src import constants
+from src.procedures.dummy_procedure import DummyProcedureConfig
 from src.types import Config, ForeignConfig, State
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
@@ -61,8 +62,8 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
     )
     assert new is not None and new.general.config_revision == 5
     on_disk = Config.load()
-    assert on_disk.dummy_procedure is not None
-    assert on_disk.dummy_procedure.seconds_between_datapoints == 3
+    section = on_disk.procedure_section("dummy_procedure", DummyProcedureConfig)
+    assert section is not None and section.seconds_between_datapoints == 3
     acks = acknowledgements(agent)
     assert [a["status"] for a in acks] == ["received", "accepted"]
     assert "pw-secret-1" not in json.dumps(acks)

@@ -7,6 +7,7 @@ import multiprocessing
 import signal
 import sys
 
+from src import procedures  # noqa: F401 - registers the procedures' config sections
 from src.backend import BACKENDS
 from src.types import Config, ConfigError
 

@@ -5,13 +5,26 @@ import os
 import time
 
 import psutil
+import pydantic
+from pydantic import Field
 
 from src import constants
 from src.types import Config, DataMessageBody, SystemState
+from src.types.procedure import ProcedureInfo
 from src.utils.functions import get_time_to_next_datapoint
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
+
+
+class SystemChecksConfig(pydantic.BaseModel):
+    """Section `system_checks`."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    seconds_between_checks: int = Field(
+        60, ge=5, le=86_400, description="Interval of the system health data points."
+    )
+
 
 # names under which Linux drivers report the CPU package temperature
 _CPU_SENSOR_NAMES = ("cpu_thermal", "coretemp", "k10temp", "cpu-thermal", "soc_thermal", "acpitz")
@@ -52,8 +65,9 @@ def read_system_state() -> SystemState:
 
 def run(config: Config, name: str) -> None:
     """Check forever. Runs in its own process, started by the main loop."""
-    assert config.system_checks is not None
-    interval = config.system_checks.seconds_between_checks
+    section = config.procedure_section(name, SystemChecksConfig)
+    assert section is not None
+    interval = section.seconds_between_checks
     logger = Logger(config, name)
     messaging_agent = MessagingAgent(config)
     logger.info(f"checking the system every {interval} s")
@@ -78,3 +92,6 @@ def run(config: Config, name: str) -> None:
         if reading.disk_usage_percent is not None and reading.disk_usage_percent > 90:
             logger.warning(f"the data partition is {reading.disk_usage_percent:.1f} % full")
         time.sleep(get_time_to_next_datapoint(interval))
+
+
+info = ProcedureInfo(run=run, config_model=SystemChecksConfig)

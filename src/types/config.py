@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import pydantic
 import tum_esm_utils.validators
 from pydantic import Field, SecretStr
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from src import constants
 
@@ -196,16 +197,24 @@ class BackendConfig(_Section):
 MQTTBrokerConfig = BackendConfig
 
 
-class DummyProcedureConfig(_Section):
-    seconds_between_datapoints: int = Field(
-        10, ge=1, le=86_400, description="One random-walk data point per interval."
-    )
+# One section per procedure module, registered by `src.procedures` when it
+# discovers them (this layer cannot import procedures): name -> its config
+# model, or None for a module that failed to load (its section is kept as it
+# is, so that one broken module does not make the whole config invalid).
+_PROCEDURE_SECTIONS: dict[str, type[pydantic.BaseModel] | None] = {}
+
+SectionT = TypeVar("SectionT", bound=pydantic.BaseModel)
 
 
-class SystemChecksConfig(_Section):
-    seconds_between_checks: int = Field(
-        60, ge=5, le=86_400, description="Interval of the system health data points."
-    )
+def register_procedure_sections(sections: Mapping[str, type[pydantic.BaseModel] | None]) -> None:
+    """Make `Config` accept and validate one section per procedure. Called by
+    `src.procedures` once it has discovered the procedure modules."""
+    _PROCEDURE_SECTIONS.update(sections)
+
+
+def procedure_sections() -> dict[str, type[pydantic.BaseModel] | None]:
+    """The registered procedure sections, for the config reference."""
+    return dict(_PROCEDURE_SECTIONS)
 
 
 class ConfigError(Exception):
@@ -214,42 +223,79 @@ class ConfigError(Exception):
 
 
 class Config(tum_esm_utils.validators.StricterBaseModel):
-    """The whole station config. A procedure section set to null disables it;
-    `backend: null` keeps every message in the local queue and archive."""
+    """The whole station config: the sections below, plus one section per
+    procedure module (`src/procedures/<name>.py`); a procedure whose section
+    is null or absent does not run. `backend: null` keeps every message in the
+    local queue and archive."""
 
-    model_config = pydantic.ConfigDict(strict=True)
+    # procedure sections arrive as extra keys; `_check_sections` validates
+    # each with its procedure's model and refuses any other key
+    model_config = pydantic.ConfigDict(strict=True, extra="allow")
 
     general: GeneralConfig
     logging_verbosity: LoggingVerbosityConfig = Field(default_factory=LoggingVerbosityConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     updater: UpdaterConfig | None = None
     backend: BackendConfig | None = None
-    dummy_procedure: DummyProcedureConfig | None = None
-    system_checks: SystemChecksConfig | None = None
 
     @pydantic.model_validator(mode="after")
-    def _tenta_needs_a_sensor_uuid(self) -> Config:
+    def _check_sections(self) -> Config:
+        errors: list[InitErrorDetails] = []
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name, value in extra.items():
+            if name not in _PROCEDURE_SECTIONS:
+                errors.append({"type": "extra_forbidden", "loc": (name,), "input": value})
+                continue
+            model = _PROCEDURE_SECTIONS[name]
+            if model is None or value is None or isinstance(value, model):
+                continue
+            try:
+                extra[name] = model.model_validate(value, strict=True)
+            except pydantic.ValidationError as e:
+                for error in e.errors():
+                    errors.append(
+                        {
+                            "type": PydanticCustomError(error["type"], error["msg"]),
+                            "loc": (name, *error["loc"]),
+                            "input": error["input"],
+                        }
+                    )
         identifier = self.general.system_identifier
         if (
             self.backend is not None
             and self.backend.provider == "tenta"
             and not re.match(TENTA_IDENTIFIER_PATTERN, identifier)
         ):
-            raise pydantic.ValidationError.from_exception_data(
-                "Config",
-                [
-                    {
-                        "type": PydanticCustomError(
-                            "tenta_identifier",
-                            "with the Tenta backend this must be the sensor's UUID in Tenta "
-                            "(lowercase, version 4)",
-                        ),
-                        "loc": ("general", "system_identifier"),
-                        "input": identifier,
-                    }
-                ],
+            errors.append(
+                {
+                    "type": PydanticCustomError(
+                        "tenta_identifier",
+                        "with the Tenta backend this must be the sensor's UUID in Tenta "
+                        "(lowercase, version 4)",
+                    ),
+                    "loc": ("general", "system_identifier"),
+                    "input": identifier,
+                }
             )
+        if errors:
+            raise pydantic.ValidationError.from_exception_data("Config", errors)
         return self
+
+    def procedure_section(self, name: str, model: type[SectionT]) -> SectionT | None:
+        """The validated section of procedure `name` (None: off). Called by
+        procedures to read their own settings, typed."""
+        value = (self.__pydantic_extra__ or {}).get(name)
+        if value is None:
+            return None
+        if not isinstance(value, model):
+            raise TypeError(f"section {name!r} is not a {model.__name__}")
+        return value
+
+    def enabled_procedure_names(self) -> list[str]:
+        """Names of the procedures whose section is set. Called by the main loop."""
+        return [
+            name for name, value in (self.__pydantic_extra__ or {}).items() if value is not None
+        ]
 
     @staticmethod
     def load_from_string(c: str, source: str = "config") -> Config:
@@ -327,9 +373,7 @@ class ForeignConfig(pydantic.BaseModel):
         """Write this config atomically as `config/config.json` (of this
         installation, or `path`), secrets included. Called by the updater when
         it installs a config for another version."""
-        write_atomically(
-            path or constants.CONFIG_PATH, json.dumps(self.to_dict(), indent=4) + "\n"
-        )
+        write_atomically(path or constants.CONFIG_PATH, json.dumps(self.to_dict(), indent=4) + "\n")
 
 
 def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[str]:

@@ -1,7 +1,16 @@
 """The shared state file (`data/state.json`) that every process reads and the
-main loop, the procedures and the backend update."""
+main loop, the procedures and the backend update.
+
+Every assignment is validated where it happens (`validate_assignment`), so a
+procedure that writes a wrong type gets the error itself, naming the field and
+the value; unknown keys (another version's) are ignored when reading.
+"""
 
 from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 from pydantic import Field
@@ -9,7 +18,23 @@ from pydantic import Field
 from .config import ForeignConfig
 
 
-class MainloopState(pydantic.BaseModel):
+class _StateModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(validate_assignment=True)
+
+
+def _unix_time(value: Any) -> Any:
+    """datetimes (as in the reference API's own example) become unix seconds."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.astimezone()  # a naive datetime is local time
+        return value.timestamp()
+    return value
+
+
+UnixTime = Annotated[float, pydantic.BeforeValidator(_unix_time)]
+
+
+class MainloopState(_StateModel):
     """Which main loop owns this installation, and when it last looked around."""
 
     pid: int | None = None
@@ -17,7 +42,7 @@ class MainloopState(pydantic.BaseModel):
     last_heartbeat: float | None = None
 
 
-class ProcessState(pydantic.BaseModel):
+class ProcessState(_StateModel):
     """One supervised child as the main loop last saw it."""
 
     variant: str
@@ -28,11 +53,11 @@ class ProcessState(pydantic.BaseModel):
     started_at: float | None = None
 
 
-class SystemState(pydantic.BaseModel):
+class SystemState(_StateModel):
     """The latest readings of the system_checks procedure."""
 
-    last_updated: float | None = None
-    last_boot_time: float | None = None
+    last_updated: UnixTime | None = None
+    last_boot_time: UnixTime | None = None
     load_averages: tuple[float, float, float] | None = None
     cpu_usage_percent: float | None = None
     memory_usage_percent: float | None = None
@@ -41,20 +66,29 @@ class SystemState(pydantic.BaseModel):
     cpu_temperature_c: float | None = None
 
 
-class DummyProcedureState(pydantic.BaseModel):
-    """The latest value of the dummy procedure's random walk."""
+# procedure name -> the model of its own state section, registered by
+# `src.procedures` (this layer cannot import procedures)
+_PROCEDURE_STATES: dict[str, type[pydantic.BaseModel]] = {}
 
-    last_value: float | None = None
-    last_measurement_time: float | None = None
+StateT = TypeVar("StateT", bound=pydantic.BaseModel)
 
 
-class State(pydantic.BaseModel):
-    """Unknown keys are ignored so that another version's state file still loads."""
+def register_procedure_states(models: Mapping[str, type[pydantic.BaseModel]]) -> None:
+    """Make `State` validate one section per procedure that declares a state
+    model. Called by `src.procedures` once it has discovered them."""
+    _PROCEDURE_STATES.update(models)
+
+
+class State(_StateModel):
+    """The sections below, plus one per procedure that declares a state model
+    (`procedure_state`). Unknown keys are kept as they are, so that another
+    version's state file still loads."""
+
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow")
 
     mainloop: MainloopState = Field(default_factory=MainloopState)
     processes: dict[str, ProcessState] = Field(default_factory=dict)
     system: SystemState = Field(default_factory=SystemState)
-    dummy_procedure: DummyProcedureState = Field(default_factory=DummyProcedureState)
     pending_configs: list[ForeignConfig] = Field(default_factory=list)
     # the highest config revision that was accepted: a remote config must be
     # newer. Only accepted configs move it, so that a rejected config with an
@@ -63,3 +97,26 @@ class State(pydantic.BaseModel):
     # recently rejected revisions, so that a retained config is not judged (and
     # answered) again at every reconnect; bounded, newest last
     rejected_config_revisions: list[int] = Field(default_factory=list)
+
+    @pydantic.model_validator(mode="after")
+    def _procedure_sections(self) -> State:
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name, model in _PROCEDURE_STATES.items():
+            value = extra.get(name)
+            if value is not None and not isinstance(value, model):
+                try:
+                    extra[name] = model.model_validate(value)
+                except pydantic.ValidationError:
+                    extra[name] = model()  # one procedure's bad section, not the whole file
+        return self
+
+    def procedure_state(self, name: str, model: type[StateT]) -> StateT:
+        """The state section of procedure `name` (defaults when there is none
+        yet); changes to it are written with the rest of the state. Called by
+        procedures inside `StateInterface.update()`."""
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        value = extra.get(name)
+        if not isinstance(value, model):
+            value = model.model_validate(value) if isinstance(value, dict) else model()
+            extra[name] = value
+        return value

@@ -13,6 +13,7 @@ import pydantic
 from pydantic.fields import FieldInfo
 
 from src.types import Config
+from src.types.config import procedure_sections
 
 _CONSTRAINT_NAMES = {
     "ge": ">=",
@@ -96,15 +97,24 @@ def _render_model(model: type[pydantic.BaseModel], prefix: str, out: list[str]) 
 
 
 def render_config_reference() -> str:
-    """The whole reference: one table per section of `Config`."""
+    """The whole reference: one table per section of `Config`, then one per
+    procedure module (registered by `src.procedures`)."""
     out: list[str] = []
+    sections: list[tuple[str, type[pydantic.BaseModel], str]] = []
     for name, field in Config.model_fields.items():
         section = _section_model(field.annotation)
         assert section is not None
         nullable = type(None) in typing.get_args(field.annotation)
-        out.append(f"### `{name}`" + (" (optional: `null` turns it off)" if nullable else ""))
+        sections.append((name, section, " (optional: `null` turns it off)" if nullable else ""))
+    for name, model in sorted(procedure_sections().items()):
+        if model is not None:
+            sections.append(
+                (name, model, f" (procedure `src/procedures/{name}.py`; `null` or absent: off)")
+            )
+    for name, section, note in sections:
+        out.append(f"### `{name}`{note}")
         out.append("")
-        if section.__doc__ and "A config section" not in section.__doc__:
+        if section.__doc__ and not section.__doc__.startswith(("A config section", "Section ")):
             out.append(section.__doc__.strip())
             out.append("")
         _render_model(section, name, out)

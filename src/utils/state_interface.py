@@ -19,10 +19,12 @@ import pydantic
 from src import constants
 from src.types import State
 from src.types.atomic_file import write_atomically
+from src.types.config import format_validation_error
 
 from .logger import Logger
 
 _LOCK_TIMEOUT_SECONDS = 30
+_CORRUPT_COPIES_KEPT = 3
 # the reference API's module-level paths (read from src.constants at call time)
 STATE_FILE: str = constants.STATE_PATH
 STATE_FILE_LOCK: str = constants.STATE_LOCK_PATH
@@ -52,7 +54,15 @@ class StateInterface:
         with StateInterface._lock():
             state = StateInterface._read_unlocked()
             yield state
-            write_atomically(constants.STATE_PATH, state.model_dump_json(indent=4))
+            content = state.model_dump_json(indent=4)
+            try:
+                # what the next reader would make of it: a value that cannot
+                # be read back (a wrong type appended to a list, NaN) is
+                # refused here, at the writer, and never reaches the file
+                State.model_validate_json(content)
+            except pydantic.ValidationError as e:
+                raise ValueError(format_validation_error(e, "the state update")) from None
+            write_atomically(constants.STATE_PATH, content)
 
     @staticmethod
     def _read_unlocked() -> State:
@@ -68,8 +78,18 @@ class StateInterface:
                 f"{constants.STATE_PATH}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
             )
             os.replace(constants.STATE_PATH, aside)
+            _keep_newest_corrupt_copies()
             Logger(None, "state-interface").error(
                 f"state file could not be read and was moved to {aside}; starting from defaults",
                 details=str(e),
             )
             return State()
+
+
+def _keep_newest_corrupt_copies() -> None:
+    """A state file that keeps getting corrupted must not fill the disk."""
+    directory = os.path.dirname(constants.STATE_PATH)
+    prefix = os.path.basename(constants.STATE_PATH) + ".corrupt-"
+    copies = sorted(name for name in os.listdir(directory) if name.startswith(prefix))
+    for name in copies[:-_CORRUPT_COPIES_KEPT]:
+        os.remove(os.path.join(directory, name))
