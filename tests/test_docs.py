@@ -39,3 +39,10 @@ def test_quick_start_commands_exist_and_ci_runs_the_test_command() -> None:
     assert "bash .ci/setup && .venv/bin/ivy config init && .venv/bin/ivy start" in readme
     assert "\nbash .ci/test\n" in readme
     assert "bash .ci/test" in read(".ci", "run")
+
+
+def test_the_procedure_guide_shows_the_tested_example() -> None:
+    readme = read("README.md")
+    match = re.search(r"<!-- procedure-example:start -->\n```python\n(.*?)```\n", readme, re.S)
+    assert match is not None
+    assert match.group(1) == read("tests", "reference_procedure.py")

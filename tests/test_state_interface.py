@@ -92,7 +92,7 @@ def test_a_wrong_type_is_refused_at_the_writer_and_the_file_stays_intact() -> No
 def test_the_reference_example_of_a_datetime_works() -> None:
     now = datetime.datetime.now()
     with StateInterface.update() as state:
-        state.system.last_boot_time = now  # type: ignore[assignment]
+        state.system.last_boot_time = now
     assert StateInterface.load().system.last_boot_time == pytest.approx(now.timestamp())
 
 

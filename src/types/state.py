@@ -31,7 +31,9 @@ def _unix_time(value: Any) -> Any:
     return value
 
 
-UnixTime = Annotated[float, pydantic.BeforeValidator(_unix_time)]
+# typed to take a datetime too (the reference API's example assigns one); what
+# is stored, and read back, is always unix seconds
+UnixTime = Annotated[float | datetime.datetime, pydantic.BeforeValidator(_unix_time)]
 
 
 class MainloopState(_StateModel):
