@@ -19,8 +19,10 @@ import click
 from src import constants
 from src import procedures as procedure_modules
 from src.types import Config, ConfigError, State
+from src.types.config import secret_values
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
+from src.utils.logger import MIN_MASKED_SECRET_LENGTH
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 
@@ -63,7 +65,7 @@ def cli() -> None:
 @cli.command()
 def start() -> None:
     """Start the main loop in the background; return once it is up."""
-    for problem in _procedure_problems(_load_config_or_fail()):
+    for problem in _config_warnings(_load_config_or_fail()):
         click.echo(f"warning: {problem}", err=True)
     try:
         pid = mainloop_toggle.start_mainloop()
@@ -253,7 +255,7 @@ def config_check(path: str | None) -> None:
         config = Config.load(path or constants.CONFIG_PATH)
     except ConfigError as e:
         _fail(str(e))
-    problems = _procedure_problems(config)
+    problems = _config_warnings(config)
     for problem in problems:
         click.echo(f"warning: {problem}", err=True)
     if procedure_modules.PROBLEMS:
@@ -261,10 +263,17 @@ def config_check(path: str | None) -> None:
     click.echo(f"{path or constants.CONFIG_PATH} is valid")
 
 
-def _procedure_problems(config: Config) -> list[str]:
-    """Broken procedure modules, and procedures that have no config section
-    (they do not run)."""
+def _config_warnings(config: Config) -> list[str]:
+    """Broken procedure modules, procedures that have no config section (they
+    do not run), and secrets too short to be masked in log lines."""
     problems = list(procedure_modules.PROBLEMS.values())
+    revealed = json.loads(config.to_json(reveal_secrets=True))
+    if any(len(v) < MIN_MASKED_SECRET_LENGTH for v in secret_values(revealed)):
+        problems.append(
+            f"a password or token is shorter than {MIN_MASKED_SECRET_LENGTH} characters: "
+            "use a longer one (short secrets are not masked inside log lines, where they "
+            "would garble ordinary words)"
+        )
     sections = set((config.__pydantic_extra__ or {}).keys())
     for name in procedure_modules.PROCEDURES:
         if name not in sections:

@@ -142,7 +142,7 @@ def _raw_paho_rate(port: int, agent: MessagingAgent, count: int, per_publish: in
     provider = TentaProvider(Config.model_validate(_config(port)))
     items = [
         item.decode() if isinstance(item, bytes) else json.dumps(item)
-        for row in agent.get_n_latest_rows(count)
+        for row in agent.get_oldest_rows(count)
         for _, item in provider.items_of(row, agent.identifier_of(row.id))
     ]
     payloads = [

@@ -13,7 +13,7 @@ import time
 from types import FrameType
 
 from src import backend, constants, procedures
-from src.types import Config, ConfigMessageBody, redact_secrets
+from src.types import Config, ConfigMessageBody
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
@@ -156,14 +156,8 @@ class Mainloop:
             time.sleep(min(_MAX_WAIT_SECONDS, deadline - time.time()))
 
     def _acknowledge_startup(self) -> None:
-        self.messaging_agent.add_message(
-            ConfigMessageBody(
-                status="startup",
-                config_revision=self.config.general.config_revision,
-                software_version=self.config.general.software_version.root,
-                config=redact_secrets(json.loads(self.config.to_json())),
-            )
-        )
+        revealed = json.loads(self.config.to_json(reveal_secrets=True))
+        self.messaging_agent.add_message(ConfigMessageBody.about("startup", revealed))
 
     def _apply_pending_configs(self) -> None:
         # a backend that queues a config replaces the state file (new inode):
@@ -187,10 +181,19 @@ class Mainloop:
             new_config = self.updater.handle(foreign_config)
             if new_config is not None:
                 self.stop_children()
-                self.config = new_config
-                self.logger = Logger(new_config, "main")
-                self.updater.logger = self.logger
+                self.reconfigure(new_config)
                 self.start_children()
+
+    def reconfigure(self, config: Config) -> None:
+        """Use `config` from now on: a new logger, messaging agent (the new
+        revision and size cap) and updater, the old ones closed. Called after
+        an accepted config, with the children stopped."""
+        self.logger.close()
+        self.messaging_agent.close()
+        self.config = config
+        self.logger = Logger(config, "main")
+        self.messaging_agent = MessagingAgent(config)
+        self.updater = Updater(config, self.logger, self.messaging_agent)
 
     def _enforce_retention(self) -> None:
         days = self.config.storage.retention_days

@@ -20,10 +20,21 @@ import psutil
 import pytest
 
 # before src is imported: no test may touch the developer's own data directory
-os.environ["IVY_DATA_DIR"] = tempfile.mkdtemp(prefix="ivy-test-data-")
-os.environ["IVY_ROOT_DIR"] = tempfile.mkdtemp(prefix="ivy-test-root-")
+# (removed again when the session ends)
+_SESSION_DIRECTORIES = [
+    tempfile.mkdtemp(prefix="ivy-test-data-"),
+    tempfile.mkdtemp(prefix="ivy-test-root-"),
+]
+os.environ["IVY_DATA_DIR"], os.environ["IVY_ROOT_DIR"] = _SESSION_DIRECTORIES
 
-from src import constants, procedures  # noqa: F401 - registers the procedures' config sections
+from src import constants, procedures  # noqa: E402, F401 - registers the procedure sections
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's own temporary directories."""
+    for directory in _SESSION_DIRECTORIES:
+        shutil.rmtree(directory, ignore_errors=True)
+
 
 PROJECT_DIR = constants.PROJECT_DIR
 _DATA_PATH_CONSTANTS = {

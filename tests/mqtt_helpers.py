@@ -24,7 +24,13 @@ class Subscriber:
     checks each against the real servers' rules (`tests.server_rules`): any
     payload a server would drop fails the test that reads it."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str = "test-subscriber") -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        client_id: str = "test-subscriber",
+        ca_file: str | None = None,
+    ) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.violations: list[str] = []
         self.lock = threading.Lock()
@@ -35,6 +41,8 @@ class Subscriber:
             clean_session=False,
         )
         self.client.reconnect_delay_set(1, 2)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=ca_file)
 
         def on_connect(client: mqtt.Client, *args: Any) -> None:
             for topic in topics:
@@ -56,7 +64,7 @@ class Subscriber:
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
-        self.client.connect("127.0.0.1", port)
+        self.client.connect("localhost" if ca_file else "127.0.0.1", port)
         self.client.loop_start()
         assert self.subscribed.wait(20), "subscriber could not subscribe"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 
 import pydantic
@@ -19,23 +18,6 @@ pytestmark = pytest.mark.quick
 
 def walk(state: State) -> DummyProcedureState:
     return state.procedure_state("dummy_procedure", DummyProcedureState)
-
-
-def _increment(times: int) -> None:
-    for _ in range(times):
-        with StateInterface.update() as state:
-            walk(state).last_value = (walk(state).last_value or 0) + 1
-
-
-def test_concurrent_updates_lose_nothing() -> None:
-    context = multiprocessing.get_context("fork")  # children keep the patched paths
-    workers = [context.Process(target=_increment, args=(500,)) for _ in range(8)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-        assert w.exitcode == 0
-    assert walk(StateInterface.load()).last_value == 4000
 
 
 def test_failed_update_writes_nothing() -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import pydantic
 
-from src.types import Config, ConfigMessageBody, ForeignConfig, redact_secrets
-from src.types.config import REVISION_LIMIT, format_validation_error
+from src.types import Config, ConfigMessageBody, ForeignConfig
+from src.types.config import format_validation_error
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
@@ -71,11 +71,7 @@ def _json_type(value: Any) -> str:
 
 def readable_revision(raw: Any) -> int | None:
     """`general.config_revision` of a raw config if it is a valid revision."""
-    general = raw.get("general") if isinstance(raw, dict) else None
-    revision = general.get("config_revision") if isinstance(general, dict) else None
-    if isinstance(revision, int) and not isinstance(revision, bool):
-        return revision if 0 <= revision < REVISION_LIMIT else None
-    return None
+    return ConfigMessageBody.about("rejected", raw).config_revision
 
 
 class ConfigReceiver:
@@ -133,15 +129,4 @@ class ConfigReceiver:
         else:
             mark_config_revision_rejected(revision)
         self.logger.warning(f"rejected a received config (revision {revision})", details=reason)
-        general = raw.get("general") if isinstance(raw, dict) else None
-        version = general.get("software_version") if isinstance(general, dict) else None
-        shown_version = version if isinstance(version, str) and len(version) <= 32 else None
-        self.messaging_agent.add_message(
-            ConfigMessageBody(
-                status="rejected",
-                config_revision=revision,
-                software_version=shown_version,
-                reason=reason,
-                config=redact_secrets(raw) if isinstance(raw, dict) else {},
-            )
-        )
+        self.messaging_agent.add_message(ConfigMessageBody.about("rejected", raw, reason))

@@ -256,7 +256,7 @@ class Drainer:
         published_any = False
         limit = 1 if self.one_at_a_time else self.backend.max_parallel_messages
         while len(self.rows_of_publish) < limit:
-            rows = self.messaging_agent.get_n_latest_rows(
+            rows = self.messaging_agent.get_oldest_rows(
                 1 if self.one_at_a_time else _ROWS_PER_FETCH,
                 excluded_message_ids=self.in_flight_above_cursor | self.held_rows.keys(),
                 after_id=self.fetched_up_to,

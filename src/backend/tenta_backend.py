@@ -32,6 +32,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from src.types import Config
+from src.types.config import is_valid_revision
 from src.utils.messaging_agent import QueueRow
 
 from .config_receiver import parse_json_object
@@ -48,7 +49,7 @@ from .provider import (
 KEY_PATTERN = re.compile(r"^[a-z0-9](_?[a-z0-9])*$")
 MAX_KEY_LENGTH = 64
 MAX_MESSAGE_CHARS = 16_384
-INT4_LIMIT = 2**31  # revisions and timestamps are PostgreSQL int4-sized
+INT4_LIMIT = 2**31  # timestamps (and revisions: is_valid_revision) are PostgreSQL int4-sized
 _NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 _KEY = r'"(?=[a-z0-9_]{1,64}")[a-z0-9](?:_?[a-z0-9])*"'
 # a data object of valid keys and plain numbers only: sent as it is stored
@@ -58,12 +59,7 @@ _SEVERITIES = {"DEBUG": "info", "INFO": "info", "WARNING": "warning", "ERROR": "
 
 @functools.lru_cache(maxsize=64)
 def _revision_suffix(revision: int) -> str:
-    return f',"revision":{revision}' if valid_revision(revision) else ""
-
-
-def valid_revision(value: Any) -> bool:
-    """Whether Tenta takes `value` as a revision."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT4_LIMIT
+    return f',"revision":{revision}' if is_valid_revision(revision) else ""
 
 
 @functools.lru_cache(maxsize=4_096)
@@ -101,7 +97,7 @@ class TentaProvider(Provider):
                 raise ValueError(f"timestamp {timestamp} is outside Tenta's range")
             timestamp = min(max(timestamp, 0.0), INT4_LIMIT - 1.0) if timestamp == timestamp else 0
         common: dict[str, Any] = {"timestamp": timestamp}
-        if valid_revision(row.config_revision):
+        if is_valid_revision(row.config_revision):
             common["revision"] = row.config_revision
         return common
 
@@ -173,7 +169,7 @@ class TentaProvider(Provider):
         revision = body["config_revision"]
         status = body["status"]
         items: list[Item] = []
-        if status in ("accepted", "rejected") and valid_revision(revision):
+        if status in ("accepted", "rejected") and is_valid_revision(revision):
             items.append(
                 (
                     f"acknowledgments/{self.identifier}",

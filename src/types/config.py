@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import pydantic
@@ -70,6 +70,12 @@ def _short_version(
 
 Version = Annotated[tum_esm_utils.validators.Version, pydantic.AfterValidator(_short_version)]
 Revision = Annotated[int, Field(ge=0, lt=REVISION_LIMIT)]
+
+
+def is_valid_revision(value: Any) -> bool:
+    """Whether `value` is a revision a config may carry (a strict integer in
+    0 <= r < 2**31)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < REVISION_LIMIT
 
 
 class GeneralConfig(_Section):
@@ -393,17 +399,35 @@ def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[st
 SECRET_FIELD_NAMES: frozenset[str] = _collect_secret_field_names(Config)
 
 
-def redact_secrets(value: Any) -> Any:
-    """A copy of JSON data with the value of every secret field replaced, for
-    configs that leave the station in acknowledgements or land in logs."""
+def _map_secrets(value: Any, replace: Callable[[Any], Any]) -> Any:
+    """A copy of JSON data with every non-null secret field's value replaced
+    by `replace(value)`: the one walk over a config's secrets."""
     if isinstance(value, dict):
         return {
-            k: (REDACTED if (k in SECRET_FIELD_NAMES and v is not None) else redact_secrets(v))
+            k: (
+                replace(v)
+                if (k in SECRET_FIELD_NAMES and v is not None)
+                else _map_secrets(v, replace)
+            )
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [redact_secrets(v) for v in value]
+        return [_map_secrets(v, replace) for v in value]
     return value
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of JSON data with the value of every secret field replaced, for
+    configs that leave the station in acknowledgements or land in logs."""
+    return _map_secrets(value, lambda _: REDACTED)
+
+
+def secret_values(value: Any) -> set[str]:
+    """Every secret value in JSON data (a config with its secrets revealed),
+    for the logger's last line of defence."""
+    found: set[str] = set()
+    _map_secrets(value, lambda v: found.add(v) if isinstance(v, str) and v else None)
+    return found
 
 
 _MAX_PROBLEMS_SHOWN = 20

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field
 
-from .config import LogLevel, Revision
+from .config import LogLevel, Revision, is_valid_revision, redact_secrets
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -56,6 +56,27 @@ class ConfigMessageBody(pydantic.BaseModel):
     software_version: str | None = Field(..., max_length=64)
     reason: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def about(
+        cls,
+        status: Literal["received", "accepted", "rejected", "startup"],
+        config: Any,
+        reason: str | None = None,
+    ) -> ConfigMessageBody:
+        """The answer about a config given as JSON data (valid or not): its
+        revision and version where they can be read, its content with every
+        secret redacted. Called by the backend, the updater and the main loop."""
+        general = config.get("general") if isinstance(config, dict) else None
+        revision = general.get("config_revision") if isinstance(general, dict) else None
+        version = general.get("software_version") if isinstance(general, dict) else None
+        return cls(
+            status=status,
+            config_revision=revision if is_valid_revision(revision) else None,
+            software_version=version if isinstance(version, str) and len(version) <= 32 else None,
+            reason=reason,
+            config=redact_secrets(config) if isinstance(config, dict) else {},
+        )
 
 
 MessageBody = Annotated[

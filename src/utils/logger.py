@@ -12,28 +12,20 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Literal
+from typing import Literal
 
 from src import constants
 from src.types import Config, LoggingVerbosityConfig, LogLevel, LogMessageBody
-from src.types.config import REDACTED, SECRET_FIELD_NAMES
+from src.types.config import REDACTED, secret_values
 
 from .functions import current_log_file_path, log_level_is_visible
 from .messaging_agent import MessagingAgent
 
-
-def _collect_secret_values(value: Any) -> set[str]:
-    found: set[str] = set()
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k in SECRET_FIELD_NAMES and isinstance(v, str) and v:
-                found.add(v)
-            else:
-                found |= _collect_secret_values(v)
-    elif isinstance(value, list):
-        for v in value:
-            found |= _collect_secret_values(v)
-    return found
+# secrets shorter than this are not masked inside free text: a password "p"
+# would star out every letter p of every line; `ivy config check` warns about
+# them, and they are kept out of messages by construction (SecretStr, redacted
+# config dumps)
+MIN_MASKED_SECRET_LENGTH = 8
 
 
 class Logger:
@@ -46,12 +38,11 @@ class Logger:
         self.origin = origin
         self.config = config
         self.verbosity = config.logging_verbosity if config else LoggingVerbosityConfig()
-        self.secrets = (
-            sorted(
-                _collect_secret_values(json.loads(config.to_json(reveal_secrets=True))), key=len
-            )[::-1]
-            if config
-            else []
+        revealed = json.loads(config.to_json(reveal_secrets=True)) if config else {}
+        self.secrets = sorted(
+            (v for v in secret_values(revealed) if len(v) >= MIN_MASKED_SECRET_LENGTH),
+            key=len,
+            reverse=True,
         )
         self._messaging_agent: MessagingAgent | None = None
         self._sending = False
@@ -94,6 +85,13 @@ class Logger:
         subject = f"{label}: {type(e).__name__}: {e}" if label else f"{type(e).__name__}: {e}"
         trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         self._log("EXCEPTION", subject, f"{details}\n{trace}" if details else trace)
+
+    def close(self) -> None:
+        """Close the queue connection this logger opened, if any. Called when
+        the main loop replaces its logger after a reconfiguration."""
+        if self._messaging_agent is not None:
+            self._messaging_agent.close()
+            self._messaging_agent = None
 
     def _redact(self, text: str) -> str:
         for secret in self.secrets:

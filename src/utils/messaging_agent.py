@@ -252,7 +252,7 @@ class MessagingAgent:
 
     # --- sending ----------------------------------------------------------------
 
-    def get_n_latest_rows(
+    def get_oldest_rows(
         self, n: int, excluded_message_ids: Iterable[int] = (), after_id: int = 0
     ) -> list[QueueRow]:
         """The `n` oldest queued rows (FIFO) with an id above `after_id` that is
@@ -280,7 +280,8 @@ class MessagingAgent:
     def get_n_latest_messages(
         self, n: int, excluded_message_ids: Iterable[int] = ()
     ) -> list[MessageQueueItem]:
-        """Like `get_n_latest_rows`, as validated `MessageQueueItem`s."""
+        """The `n` oldest queued messages (the next to send; the reference API
+        calls them "latest") not excluded, as validated `MessageQueueItem`s."""
         return [
             MessageQueueItem(
                 id=row.id,
@@ -289,7 +290,7 @@ class MessagingAgent:
                 config_revision=row.config_revision,
                 body=json.loads(row.body),
             )
-            for row in self.get_n_latest_rows(n, excluded_message_ids)
+            for row in self.get_oldest_rows(n, excluded_message_ids)
         ]
 
     def remove_messages(self, message_ids: Iterable[int]) -> None:

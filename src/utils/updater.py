@@ -11,6 +11,7 @@ version untouched.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from src import constants
 from src.types import (
@@ -19,7 +20,6 @@ from src.types import (
     ConfigMessageBody,
     ForeignConfig,
     State,
-    redact_secrets,
 )
 
 from .logger import Logger
@@ -119,16 +119,11 @@ class Updater:
         self._acknowledge(foreign_config, "rejected", reason)
 
     def _acknowledge(
-        self, foreign_config: ForeignConfig, status: str, reason: str | None = None
+        self,
+        foreign_config: ForeignConfig,
+        status: Literal["received", "accepted", "rejected"],
+        reason: str | None = None,
     ) -> None:
         self.messaging_agent.add_message(
-            ConfigMessageBody.model_validate(
-                {
-                    "status": status,
-                    "config_revision": foreign_config.general.config_revision,
-                    "software_version": foreign_config.general.software_version.root,
-                    "reason": reason,
-                    "config": redact_secrets(foreign_config.to_dict()),
-                }
-            )
+            ConfigMessageBody.about(status, foreign_config.to_dict(), reason)
         )

@@ -1,0 +1,43 @@
+"""The main loop's own objects after a reconfiguration: fresh ones with the new
+config, the old ones closed, no leaked connections."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from src.main import Mainloop
+from src.types import Config, DataMessageBody
+from tests.conftest import template_config_dict
+
+pytestmark = pytest.mark.quick
+
+
+def config_with(revision: int, cap: int) -> Config:
+    config = template_config_dict()
+    config["general"]["config_revision"] = revision
+    config["storage"]["max_queued_messages"] = cap
+    config["logging_verbosity"]["message_sending"] = "WARNING"
+    config["logging_verbosity"]["console_prints"] = None
+    return Config.model_validate(config)
+
+
+def use(mainloop: Mainloop) -> None:
+    mainloop.logger.warning("a line that goes to the queue too")  # opens the logger's agent
+    mainloop.messaging_agent.add_message(DataMessageBody(data={"x": 1}))
+
+
+def test_a_hundred_reconfigurations_leak_nothing_and_use_the_new_config() -> None:
+    mainloop = Mainloop(config_with(0, 1_000))
+    use(mainloop)
+    open_files = psutil.Process().num_fds()
+    for revision in range(1, 101):
+        mainloop.reconfigure(config_with(revision, 1_000 + revision))
+        use(mainloop)
+    assert psutil.Process().num_fds() <= open_files
+    assert mainloop.messaging_agent.config_revision == 100
+    assert mainloop.messaging_agent.max_queued_messages == 1_100
+    assert mainloop.updater.config.general.config_revision == 100
+    assert mainloop.updater.messaging_agent is mainloop.messaging_agent
+    newest = mainloop.messaging_agent.get_n_latest_messages(1_000)[-1]
+    assert newest.config_revision == 100  # messages carry the new revision
