@@ -168,3 +168,44 @@ def station(tmp_path: Any) -> Iterator[Station]:
                 p.send_signal(signal.SIGKILL)
             except psutil.Error:
                 pass
+
+
+class BackendProcess:
+    """`python -m src.backend` in its own process, on this test's data dir."""
+
+    def __init__(self, data_dir: str, config: dict[str, Any]) -> None:
+        self.config_path = os.path.join(data_dir, "backend-config.json")
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)
+        self.env = {**os.environ, "IVY_DATA_DIR": data_dir}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "src.backend", self.config_path],
+            env=self.env,
+            cwd=PROJECT_DIR,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=20)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BackendProcess]]:
+    started: list[BackendProcess] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.kill()

@@ -13,12 +13,11 @@ import pytest
 
 from benchmarks.mosquitto import Broker
 from src.types import ConfigMessageBody, DataMessageBody, LogMessageBody
-from tests.conftest import wait_until
+from tests.conftest import BackendProcess, wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, wait_for_items
 from tests.test_backend import (
     STATION,
     TENTA_TOPICS,
-    BackendProcess,
     agent_for,
     config_dict,
     log_text,
@@ -27,15 +26,6 @@ from tests.test_backend import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def processes() -> Iterator[list[BackendProcess]]:
-    started: list[BackendProcess] = []
-    yield started
-    for p in started:
-        if p.alive():
-            p.kill()
 
 
 @pytest.fixture
