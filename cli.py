@@ -170,6 +170,11 @@ def _collect_status() -> dict[str, Any]:
             else None,
         },
         "config": config_status,
+        "backend_connection": (
+            state.backend_connection.model_dump()
+            if (pid is not None and state.backend_connection is not None)
+            else None
+        ),
         "queue": queue,
         "processes": {
             name: p.model_dump() | ({"alive": False, "pid": None} if pid is None else {})
@@ -203,6 +208,17 @@ def status(as_json: bool) -> None:
         )
     else:
         click.echo("config:  INVALID (see `ivy config check`)")
+    b = s["backend_connection"]
+    if b is not None:
+        acknowledged = (
+            f", last acknowledgment {_age(time.time() - b['last_acknowledgment'])} ago"
+            if b["last_acknowledgment"]
+            else ""
+        )
+        click.echo(
+            f"broker:  {'connected' if b['connected'] else 'NOT CONNECTED'} "
+            f"({b['detail']}, since {_age(time.time() - b['since'])}){acknowledged}"
+        )
     q = s["queue"]
     click.echo(
         f"queue:   {q['depth']} message(s) unsent, oldest {_age(q['oldest_age_seconds'])} old, "

@@ -1,5 +1,5 @@
-"""A real Mosquitto broker on a free loopback port, a counting subscriber, and
-test certificates. Traffic stays on 127.0.0.1."""
+"""Real brokers (Mosquitto, RabbitMQ's MQTT plugin) on free loopback ports, a
+counting subscriber, and test certificates. Traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.mosquitto import Broker
+from benchmarks.rabbitmq import RabbitMQBroker
 from tests.conftest import wait_until
 from tests.server_rules import check_payload
+
+# what the broker-parametrized tests need of a broker
+MQTTBroker = Broker | RabbitMQBroker
 
 
 class Subscriber:
@@ -193,3 +197,17 @@ def broker_fixture(directory: str, **kwargs: Any) -> Iterator[Broker]:
 def wait_for_items(subscriber: Subscriber, prefix: str, count: int, timeout: float) -> bool:
     """Wait until at least `count` items arrived on topics with the prefix."""
     return wait_until(lambda: len(subscriber.items(prefix)) >= count, timeout=timeout, interval=0.1)
+
+
+def any_broker_fixture(kind: str, directory: str) -> Iterator[MQTTBroker]:
+    """A started Mosquitto or RabbitMQ (MQTT plugin), stopped whatever
+    happens; one that cannot start is a failure, not a skip."""
+    broker: MQTTBroker = Broker(directory) if kind == "mosquitto" else RabbitMQBroker(directory)
+    try:
+        broker.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield broker
+    finally:
+        broker.stop()

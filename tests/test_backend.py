@@ -17,7 +17,9 @@ from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from tests.conftest import BackendProcess, Station, template_config_dict, wait_until
 from tests.mqtt_helpers import (
+    MQTTBroker,
     Subscriber,
+    any_broker_fixture,
     broker_fixture,
     make_certificates,
     publish,
@@ -33,6 +35,12 @@ TENTA_TOPICS = [f"measurements/{STATION}", f"logs/{STATION}", f"acknowledgments/
 @pytest.fixture
 def broker(tmp_path: Any) -> Iterator[Broker]:
     yield from broker_fixture(str(tmp_path / "broker"))
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[MQTTBroker]:
+    """The broker-specific tests run on Mosquitto and on RabbitMQ's MQTT plugin."""
+    yield from any_broker_fixture(request.param, str(tmp_path / "broker"))
 
 
 def config_dict(port: int, provider: str = "tenta", **backend: Any) -> dict[str, Any]:
@@ -85,8 +93,9 @@ def queued_sequence_numbers(agent: MessagingAgent) -> set[int]:
 
 
 def test_tenta_delivers_everything_in_order_with_the_documented_shape(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
+    broker = any_broker
     config = config_dict(broker.port, max_payload_bytes=4_000)
     agent = agent_for(config)
     subscriber = Subscriber(broker.port, TENTA_TOPICS)
@@ -192,8 +201,9 @@ def test_thingsboard_delivers_telemetry_arrays(
 
 
 def test_broker_outage_loses_nothing(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
+    broker = any_broker
     config = config_dict(broker.port)
     agent = agent_for(config)
     subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="outage-subscriber")
@@ -225,8 +235,9 @@ def test_broker_outage_loses_nothing(
 
 
 def test_backend_killed_mid_drain_loses_nothing(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
+    broker = any_broker
     config = config_dict(broker.port, max_parallel_messages=1, max_payload_bytes=1_024)
     agent = agent_for(config)
     subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="crash-subscriber")
@@ -331,8 +342,9 @@ def config_answers(agent: MessagingAgent) -> list[dict[str, Any]]:
 
 
 def test_tenta_configs_retained_invalid_stale_and_duplicate(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
+    broker = any_broker
     config = config_dict(broker.port)
     topic = f"configurations/{STATION}"
     new_config = template_config_dict()
@@ -382,8 +394,9 @@ def test_a_fresh_tenta_station_accepts_revision_0(
 
 
 def test_thingsboard_config_requested_at_connect_and_pushed(
-    broker: Broker, data_dir: str, processes: list[BackendProcess]
+    any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
+    broker = any_broker
     config = config_dict(broker.port, provider="thingsboard")
     shared = template_config_dict()
     shared["general"]["config_revision"] = 20

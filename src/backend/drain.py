@@ -14,9 +14,11 @@ import time
 from multiprocessing.synchronize import Event
 
 from src.types import Config
+from src.types.state import BackendConnectionState
 from src.utils.functions import capped_exponential_delay
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
+from src.utils.state_interface import StateInterface
 
 from .config_receiver import ConfigReceiver
 from .mqtt_connection import MQTTConnection
@@ -67,6 +69,10 @@ class Drainer:
         self.fruitless_drops = 0
         self.held_rows: dict[int, float] = {}  # row -> when to try it again
         self.hold_attempts: dict[int, int] = {}
+        self.last_acknowledgment: float | None = None
+        self.published_connection: tuple[object, float | None] | None = None
+        self.published_at = 0.0
+        self.unexpected_topics: set[str] = set()
 
     def _new_connection(self) -> MQTTConnection:
         return MQTTConnection(
@@ -87,6 +93,7 @@ class Drainer:
                 self._process_received_configs()
                 self._process_connection_drops()
                 self._release_held_rows()
+                self._publish_connection_state()
                 if deadline is None and teardown_indicator.is_set():
                     deadline = time.time() + self.backend.max_drain_time
                     self.logger.info(
@@ -129,6 +136,7 @@ class Drainer:
                 else:
                     self.publishes_per_row[row_id] = remaining
         if finished:
+            self.last_acknowledgment = time.time()
             poisoned = sum(1 for row_id in finished if row_id in self.poisoned_rows)
             self.messaging_agent.remove_messages(finished)
             if poisoned:
@@ -248,9 +256,38 @@ class Drainer:
     def _process_received_configs(self) -> None:
         while not self.connection.received.empty():
             topic, payload = self.connection.received.get()
+            if not self.provider.expects(topic):
+                if topic not in self.unexpected_topics:
+                    self.unexpected_topics.add(topic)
+                    self.logger.debug(f"ignoring messages on the unexpected topic {topic!r}")
+                continue
             received = self.provider.config_in(topic, payload)
             if received is not None:
                 self.receiver.handle(received, payload)
+
+    def _publish_connection_state(self) -> None:
+        """Write the connection's state into the shared state when it changed
+        (and the time of the last acknowledgment at most every few seconds),
+        for `ivy status`."""
+        status = self.connection.status
+        now = time.time()
+        current = (status, self.last_acknowledgment)
+        if current == self.published_connection:
+            return
+        if self.published_connection is not None and (
+            self.published_connection[0] == status and now - self.published_at < 10
+        ):
+            return  # only the acknowledgment time moved: not worth a write per batch
+        with StateInterface.update() as state:
+            state.backend_connection = BackendConnectionState(
+                connected=status.connected,
+                detail=status.detail,
+                since=status.since,
+                broker=status.broker,
+                last_acknowledgment=self.last_acknowledgment,
+            )
+        self.published_connection = current
+        self.published_at = now
 
     def _publish_more(self) -> bool:
         published_any = False

@@ -13,7 +13,9 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -30,6 +32,18 @@ _RECONNECT_MIN_DELAY = 1
 _RECONNECT_MAX_DELAY = 60
 # MQTT 5: how long the broker keeps our session (queued configs) while offline
 _SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
+# a broker that hangs up this soon after its CONNACK did not like the session
+_SOON_AFTER_CONNACK_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class ConnectionStatus:
+    """The connection's state as last logged, for `ivy status`."""
+
+    connected: bool
+    detail: str
+    since: float
+    broker: str
 
 
 class MQTTConnection:
@@ -53,7 +67,12 @@ class MQTTConnection:
         self.received: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self._connected = threading.Event()
+        self._connected_at = 0.0
+        self._refused = False
         self._last_state: str | None = None
+        self.status = ConnectionStatus(
+            connected=False, detail="connecting", since=time.time(), broker=self.address
+        )
         self.disconnects = 0  # connections lost after the broker had accepted them
 
         v5 = config.mqtt_protocol == "5"
@@ -128,17 +147,30 @@ class MQTTConnection:
     def _log_state(
         self, state: str, failure: bool, details: Callable[[], str] | None = None
     ) -> None:
+        """Log a change of connection state once (not once per retry) and keep
+        it for `ivy status`."""
         if state == self._last_state:
             return
         self._last_state = state
         if details is not None:
             state += f" ({details()})"
+        self.status = ConnectionStatus(
+            connected=not failure, detail=state, since=time.time(), broker=self.address
+        )
         if failure:
             self.logger.warning(
                 f"MQTT {state}; retrying with backoff up to {_RECONNECT_MAX_DELAY} s"
             )
         else:
             self.logger.info(f"MQTT {state}")
+
+    def _protocol_hint(self) -> str:
+        if self.config.mqtt_protocol == "5":
+            return (
+                "; MQTT 5 was tried: if the broker speaks only 3.1.1 (RabbitMQ before 3.13, "
+                'older brokers), set backend.mqtt_protocol to "3.1.1"'
+            )
+        return "; MQTT 3.1.1 was tried"
 
     def _on_connect(
         self,
@@ -149,8 +181,11 @@ class MQTTConnection:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
+            self._refused = True
             self._log_state(f"broker {self.address} refused the connection: {reason_code}", True)
             return
+        self._refused = False
+        self._connected_at = time.monotonic()
         self._connected.set()
         self._log_state(f"connected to {self.address}", False)
         for topic in self.subscriptions:
@@ -190,8 +225,24 @@ class MQTTConnection:
         self._connected.clear()
         if was_connected:
             self.disconnects += 1
-        if was_connected and reason_code.is_failure:
-            self._log_state(f"lost the connection to {self.address}: {reason_code}", True)
+            if not reason_code.is_failure:
+                return  # we disconnected
+            if time.monotonic() - self._connected_at < _SOON_AFTER_CONNACK_SECONDS:
+                self._log_state(
+                    f"broker {self.address} closed the connection right after accepting it "
+                    f"({reason_code}){self._protocol_hint()}",
+                    True,
+                )
+            else:
+                self._log_state(f"lost the connection to {self.address}: {reason_code}", True)
+        elif not self._refused:
+            # paho reports no connect failure for this: without a log line the
+            # station would retry in silence for ever
+            self._log_state(
+                f"broker {self.address} closed the connection before accepting it "
+                f"({reason_code}){self._protocol_hint()}",
+                True,
+            )
 
     def _on_publish(
         self,

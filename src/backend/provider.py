@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from paho.mqtt.client import topic_matches_sub as mqtt_topic_matches
+
 from src.types import Config
 from src.utils.messaging_agent import QueueRow
 
@@ -184,6 +186,11 @@ class Provider(abc.ABC):
             f"unreadable queued message ({reason}): {row.body}",
             max_part_bytes or self.item_text_bytes,
         )
+
+    def expects(self, topic: str) -> bool:
+        """Whether messages on `topic` are for this provider (others are
+        logged once and ignored)."""
+        return any(mqtt_topic_matches(pattern, topic) for pattern in self.subscriptions())
 
     @abc.abstractmethod
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:

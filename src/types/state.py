@@ -55,6 +55,16 @@ class ProcessState(_StateModel):
     started_at: float | None = None
 
 
+class BackendConnectionState(_StateModel):
+    """The backend's MQTT connection as it last reported it."""
+
+    connected: bool = False
+    detail: str = ""
+    since: float | None = None
+    broker: str = ""
+    last_acknowledgment: float | None = None
+
+
 class SystemState(_StateModel):
     """The latest readings of the system_checks procedure."""
 
@@ -91,6 +101,7 @@ class State(_StateModel):
     mainloop: MainloopState = Field(default_factory=MainloopState)
     processes: dict[str, ProcessState] = Field(default_factory=dict)
     system: SystemState = Field(default_factory=SystemState)
+    backend_connection: BackendConnectionState | None = None
     pending_configs: list[ForeignConfig] = Field(default_factory=list)
     # the highest config revision that was accepted: a remote config must be
     # newer. Only accepted configs move it, so that a rejected config with an
