@@ -314,6 +314,14 @@ def config_reference() -> None:
     click.echo(render_config_reference(), nl=False)
 
 
+@config.command("schema")
+def config_schema() -> None:
+    """Print the config's JSON Schema (as in config/config.schema.json)."""
+    from src.utils.config_reference import render_json_schema
+
+    click.echo(render_json_schema(), nl=False)
+
+
 @cli.command()
 @click.argument("kind", type=click.Choice(["systemd", "cron"]))
 def boot(kind: str) -> None:

@@ -3,12 +3,13 @@ commands, and CI calling the README's test command."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 
-from src.utils.config_reference import render_config_reference
+from src.utils.config_reference import render_config_reference, render_json_schema
 from tests.conftest import PROJECT_DIR
 
 pytestmark = pytest.mark.quick
@@ -46,3 +47,12 @@ def test_the_procedure_guide_shows_the_tested_example() -> None:
     match = re.search(r"<!-- procedure-example:start -->\n```python\n(.*?)```\n", readme, re.S)
     assert match is not None
     assert match.group(1) == read("tests", "reference_procedure.py")
+
+
+def test_the_json_schema_for_editors_is_the_generated_one() -> None:
+    assert read("config", "config.schema.json") == render_json_schema(), (
+        "run: ivy config schema > config/config.schema.json"
+    )
+    schema = json.loads(render_json_schema())
+    assert schema["additionalProperties"] is False
+    assert {"general", "backend", "dummy_procedure", "system_checks"} <= set(schema["properties"])

@@ -1,5 +1,6 @@
-"""Render the config reference (Markdown) from the pydantic schema, so that the
-README cannot drift from the code. Called by `ivy config reference`."""
+"""Render the config reference (Markdown) and the config's JSON Schema (for
+editors) from the pydantic models, so that neither can drift from the code.
+Called by `ivy config reference` and `ivy config schema`."""
 
 from __future__ import annotations
 
@@ -120,3 +121,25 @@ def render_config_reference() -> str:
         _render_model(section, name, out)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def render_json_schema() -> str:
+    """The JSON Schema of `config/config.json`: the core sections and one per
+    discovered procedure (a null or absent section turns it off); any other
+    top-level key is an error, as `ivy config check` says."""
+    schema: dict[str, Any] = Config.model_json_schema()
+    definitions: dict[str, Any] = schema.setdefault("$defs", {})
+    for name, model in sorted(procedure_sections().items()):
+        if model is None:
+            continue
+        section = model.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(section.pop("$defs", {}))
+        definitions[model.__name__] = section
+        schema["properties"][name] = {
+            "anyOf": [{"$ref": f"#/$defs/{model.__name__}"}, {"type": "null"}],
+            "default": None,
+            "description": f"Procedure src/procedures/{name}.py; null or absent: off.",
+        }
+    schema["additionalProperties"] = False
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
