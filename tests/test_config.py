@@ -8,10 +8,17 @@ import json
 import os
 from typing import Any
 
+import pydantic
 import pytest
 
 from src.types import Config, ConfigError, ForeignConfig
-from src.types.config import SECRET_FIELD_NAMES, redact_secrets
+from src.types import config as config_module
+from src.types.config import (
+    SECRET_FIELD_NAMES,
+    procedure_sections,
+    redact_secrets,
+    register_procedure_sections,
+)
 from tests.conftest import template_config_dict
 
 pytestmark = pytest.mark.quick
@@ -187,3 +194,21 @@ def test_foreign_config_revisions_are_strict_and_bounded(revision: Any, problem:
 def test_to_foreign_config_keeps_secrets_for_applying() -> None:
     config = Config.load_from_string(json.dumps(full_config()))
     assert config.to_foreign_config().to_dict()["backend"]["mqtt_password"] == "hunter2-secret"
+
+
+def test_secrets_of_a_procedure_section_are_redacted_too() -> None:
+    class InstrumentConfig(pydantic.BaseModel):
+        api_key: pydantic.SecretStr
+
+    sections, secret_names = procedure_sections(), set(SECRET_FIELD_NAMES)
+    register_procedure_sections({"instrument": InstrumentConfig})
+    try:
+        config = full_config()
+        config["instrument"] = {"api_key": "instrument-secret-1"}
+        loaded = Config.load_from_string(json.dumps(config))
+        assert "instrument-secret-1" not in loaded.to_json()
+        assert "instrument-secret-1" not in json.dumps(redact_secrets(config))
+    finally:  # the registry is process-wide: leave it as it was
+        config_module._PROCEDURE_SECTIONS.clear()
+        config_module._PROCEDURE_SECTIONS.update(sections)
+        SECRET_FIELD_NAMES.intersection_update(secret_names)

@@ -216,6 +216,9 @@ def register_procedure_sections(sections: Mapping[str, type[pydantic.BaseModel] 
     """Make `Config` accept and validate one section per procedure. Called by
     `src.procedures` once it has discovered the procedure modules."""
     _PROCEDURE_SECTIONS.update(sections)
+    for model in sections.values():
+        if model is not None:
+            SECRET_FIELD_NAMES.update(_collect_secret_field_names(model))
 
 
 def procedure_sections() -> dict[str, type[pydantic.BaseModel] | None]:
@@ -396,7 +399,9 @@ def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[st
     return frozenset(names)
 
 
-SECRET_FIELD_NAMES: frozenset[str] = _collect_secret_field_names(Config)
+# names of secret fields anywhere in a config: the core sections', plus those of
+# each procedure section as it is registered
+SECRET_FIELD_NAMES: set[str] = set(_collect_secret_field_names(Config))
 
 
 def _map_secrets(value: Any, replace: Callable[[Any], Any]) -> Any:
