@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 refused or not running, 2 usage error.
 
 from __future__ import annotations
 
+import collections
 import getpass
 import json
 import os
@@ -18,13 +19,21 @@ import click
 
 from src import constants
 from src import procedures as procedure_modules
-from src.types import Config, ConfigError, State
+from src.types import Config, ConfigError
 from src.types.config import secret_values
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
+from src.utils.log_reader import (
+    TimeArgumentError,
+    entry_matches,
+    parse_entries,
+    parse_time_argument,
+    read_entries,
+)
 from src.utils.logger import MIN_MASKED_SECRET_LENGTH
+from src.utils.message_export import select_messages, write_messages
 from src.utils.messaging_agent import MessagingAgent
-from src.utils.state_interface import StateInterface
+from src.utils.station_status import collect_status, health_problems
 
 
 def _fail(message: str) -> NoReturn:
@@ -132,120 +141,214 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s"
 
 
-def _collect_status() -> dict[str, Any]:
-    state: State = StateInterface.load()
-    now = time.time()
-    pid = mainloop_toggle.get_mainloop_pid()
-    try:
-        config = Config.load()
-        config_status: dict[str, Any] = {
-            "valid": True,
-            "revision": config.general.config_revision,
-            "software_version": config.general.software_version.root,
-            "system_identifier": config.general.system_identifier,
-            "backend": config.backend.provider if config.backend else None,
-        }
-    except ConfigError as e:
-        config_status = {"valid": False, "error": str(e)}
-    agent = MessagingAgent()
-    try:
-        queue = {
-            "depth": agent.get_queue_depth(),
-            "oldest_age_seconds": agent.get_oldest_message_age(now),
-            "dropped": agent.get_dropped_count(),
-            "poisoned": agent.get_poisoned_count(),
-        }
-    finally:
-        agent.close()
-    return {
-        "running": pid is not None,
-        "version": constants.VERSION.root,
-        "mainloop": {
-            "pid": pid,
-            "uptime_seconds": (now - state.mainloop.started_at)
-            if (pid and state.mainloop.started_at)
-            else None,
-            "heartbeat_age_seconds": (now - state.mainloop.last_heartbeat)
-            if (pid and state.mainloop.last_heartbeat)
-            else None,
-        },
-        "config": config_status,
-        "backend_connection": (
-            state.backend_connection.model_dump()
-            if (pid is not None and state.backend_connection is not None)
-            else None
-        ),
-        "queue": queue,
-        "processes": {
-            name: p.model_dump() | ({"alive": False, "pid": None} if pid is None else {})
-            for name, p in state.processes.items()
-        },
-    }
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(as_json: bool) -> None:
-    """Show the main loop, each procedure and backend, the queue and the config."""
-    s = _collect_status()
+@click.option(
+    "--max-disconnected",
+    default=600.0,
+    show_default=True,
+    help="Seconds the backend may be disconnected before the station counts as unhealthy.",
+)
+@click.option(
+    "--max-queue-age",
+    default=3600.0,
+    show_default=True,
+    help="Seconds the oldest unsent message may wait before the station counts as unhealthy.",
+)
+def status(as_json: bool, max_disconnected: float, max_queue_age: float) -> None:
+    """Show the station at a glance; the exit code says whether it is healthy:
+    0 healthy, 1 not running, 3 running but unhealthy (the reasons are listed)."""
+    s = collect_status()
+    problems = health_problems(s, max_disconnected, max_queue_age)
+    s["problems"] = problems
     if as_json:
         click.echo(json.dumps(s, indent=2))
-        return
+    else:
+        _print_status(s)
+    if not s["running"]:
+        raise SystemExit(1)
+    if problems:
+        raise SystemExit(3)
+
+
+def _paint(text: str, color: str) -> str:
+    """Colour on a terminal; plain when piped or when NO_COLOR is set."""
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        return text
+    return click.style(text, fg=color, bold=color == "red")
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    now = time.time()
+    m = s["mainloop"]
     if s["running"]:
-        m = s["mainloop"]
+        state = _paint("running", "green" if not s["problems"] else "yellow")
         click.echo(
-            f"Ivy {s['version']}: running (main loop pid {m['pid']}, "
-            f"up {_age(m['uptime_seconds'])}, "
-            f"last heartbeat {_age(m['heartbeat_age_seconds'])} ago)"
+            f"Ivy {s['version']}: {state} (pid {m['pid']}, up {_age(m['uptime_seconds'])}, "
+            f"heartbeat {_age(m['heartbeat_age_seconds'])} ago)"
         )
     else:
-        click.echo(f"Ivy {s['version']}: not running")
+        click.echo(f"Ivy {s['version']}: {_paint('not running', 'red')}")
     c = s["config"]
     if c["valid"]:
         click.echo(
-            f"config:  revision {c['revision']}, software version {c['software_version']}, "
-            f"station {c['system_identifier']}, backend {c['backend'] or 'none (local queue only)'}"
+            f"config:  revision {c['revision']}, version {c['software_version']}, "
+            f"station {c['system_identifier']}, backend {c['backend'] or 'none (local only)'}"
         )
     else:
-        click.echo("config:  INVALID (see `ivy config check`)")
+        click.echo(f"config:  {_paint('INVALID', 'red')} (see `ivy config check`)")
     b = s["backend_connection"]
     if b is not None:
         acknowledged = (
-            f", last acknowledgment {_age(time.time() - b['last_acknowledgment'])} ago"
+            f", last acknowledgment {_age(now - b['last_acknowledgment'])} ago"
             if b["last_acknowledgment"]
             else ""
         )
+        connected = (
+            _paint("connected", "green") if b["connected"] else _paint("NOT CONNECTED", "red")
+        )
         click.echo(
-            f"broker:  {'connected' if b['connected'] else 'NOT CONNECTED'} "
-            f"({b['detail']}, since {_age(time.time() - b['since'])}){acknowledged}"
+            f"broker:  {connected} ({b['detail']}, since {_age(now - b['since'])}){acknowledged}"
         )
     q = s["queue"]
     click.echo(
-        f"queue:   {q['depth']} message(s) unsent, oldest {_age(q['oldest_age_seconds'])} old, "
+        f"queue:   {q['depth']} unsent, oldest {_age(q['oldest_age_seconds'])} old, "
         f"{q['dropped']} dropped by the size cap, {q['poisoned']} poison row(s)"
     )
+    d = s["disk"]
+    click.echo(
+        f"disk:    {d['free_gb']:.1f} GB free on the data partition, {d['used_percent']}% used"
+    )
     if s["processes"]:
-        click.echo(f"\n  {'PROCESS':<20}{'ALIVE':<7}{'PID':<9}{'RESTARTS':<10}LAST ERROR")
+        click.echo(f"\n  {'PROCESS':<20}{'STATE':<14}{'PID':<9}{'RESTARTS':<10}LAST ERROR")
         for name, p in s["processes"].items():
-            click.echo(
-                f"  {name:<20}{'yes' if p['alive'] else 'no':<7}{p['pid'] or '-'!s:<9}"
-                f"{p['restarts']:<10}{p['last_error'] or '-'}"
+            word, color = (
+                ("crash loop", "red")
+                if p["crash_looping"]
+                else (("alive", "green") if p["alive"] else ("dead", "red"))
             )
+            state = _paint(word, color) + " " * (14 - len(word))
+            error = "-"
+            if p["last_error"]:
+                error = (
+                    f"{p['last_error']} ({_age(now - p['last_error_at'])} ago)"
+                    if p["last_error_at"]
+                    else p["last_error"]
+                )
+            click.echo(f"  {name:<20}{state}{p['pid'] or '-'!s:<9}{p['restarts']:<10}{error}")
+    for problem in s["problems"]:
+        click.echo(_paint(f"unhealthy: {problem}", "red"))
+
+
+_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "EXCEPTION"], case_sensitive=False)
+
+
+def _time_option(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_time_argument(value)
+    except TimeArgumentError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @cli.command()
-@click.option("-n", "--lines", default=50, show_default=True, help="How many lines.")
-def logs(lines: int) -> None:
-    """Print the last lines of today's log file (UTC date)."""
-    from tum_esm_utils.files import read_last_n_lines
+@click.option("-n", "--lines", default=50, show_default=True, help="How many entries, the last.")
+@click.option("-f", "--follow", is_flag=True, help="Then print new entries as they come.")
+@click.option("-l", "--level", type=_LEVELS, help="Only entries at this level or above.")
+@click.option("--since", help="From this time: 2026-11-23 04:00 (UTC), today, 30min, 2h, 3d.")
+@click.option("--until", help="Up to this time (same forms as --since).")
+@click.option("--origin", help="Only this origin (main, backend, a procedure; `name*` a prefix).")
+def logs(
+    lines: int,
+    follow: bool,
+    level: str | None,
+    since: str | None,
+    until: str | None,
+    origin: str | None,
+) -> None:
+    """Print log entries (each line with its details) from the daily files."""
+    min_level = level.upper() if level else None
+    last = collections.deque(
+        read_entries(_time_option(since), _time_option(until), min_level, origin), maxlen=lines
+    )
+    if not last and not follow:
+        _fail("no log entries match")
+    for entry in last:
+        click.echo(entry.text)
+    if follow:
+        _follow_logs(min_level, origin)
 
+
+def _follow_logs(min_level: str | None, origin: str | None) -> None:
+    """Print entries appended to the log files until interrupted (Ctrl-C)."""
     from src.utils.functions import current_log_file_path
 
     path = current_log_file_path()
-    if not os.path.isfile(path):
-        _fail(f"no log file for today yet ({path})")
-    for line in read_last_n_lines(path, lines, ignore_trailing_whitespace=True):
-        click.echo(line)
+    offset = os.path.getsize(path) if os.path.exists(path) else 0
+    showing = False
+    try:
+        while True:
+            if path != current_log_file_path():  # a new UTC day: finish, then switch
+                path, offset = current_log_file_path(), 0
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                complete = chunk[: chunk.rfind("\n") + 1]
+                offset += len(complete.encode())
+                for line in complete.splitlines():
+                    entry = next(iter(parse_entries([line])), None)
+                    if entry is not None:
+                        showing = entry_matches(entry, min_level, origin)
+                    if showing:
+                        click.echo(line)
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command()
+@click.option("--since", help="From this time: 2026-11-23 04:00 (UTC), today, 30min, 2h, 3d.")
+@click.option("--until", help="Up to this time (same forms as --since).")
+@click.option("--variant", type=click.Choice(["data", "log", "config"]), help="Only this kind.")
+@click.option("--key", help="Only data messages with this key (and only its values).")
+@click.option(
+    "--format",
+    "form",
+    type=click.Choice(["table", "csv", "jsonl"]),
+    default="table",
+    show_default=True,
+)
+def messages(
+    since: str | None, until: str | None, variant: str | None, key: str | None, form: str
+) -> None:
+    """The station's own record of its messages (archive and queue), streamed."""
+    selected = select_messages(_time_option(since), _time_option(until), variant, key)
+    try:
+        write_messages(selected, sys.stdout, form, key)  # type: ignore[arg-type]
+    except BrokenPipeError:  # `ivy messages | head`
+        sys.stderr.close()
+
+
+@cli.command()
+@click.option("-n", "--rows", default=10, show_default=True, help="How many of the oldest rows.")
+def queue(rows: int) -> None:
+    """The queue: depth, counters and the oldest unsent messages with their age."""
+    agent = MessagingAgent()
+    try:
+        now = time.time()
+        click.echo(
+            f"{agent.get_queue_depth()} message(s) unsent, {agent.get_dropped_count()} dropped "
+            f"by the size cap, {agent.get_poisoned_count()} poison row(s)"
+        )
+        for row in agent.get_oldest_rows(rows):
+            click.echo(
+                f"  {agent.identifier_of(row.id)}  {row.variant:<7}"
+                f"{_age(now - row.timestamp):>10} old  {row.body[:80]}"
+            )
+    finally:
+        agent.close()
 
 
 @cli.group()

@@ -14,9 +14,14 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import drain, enqueue
+    from . import drain, enqueue, export
 
-    return {"enqueue": enqueue.run, "drain": drain.run_drain, "backlog": drain.run_backlog}
+    return {
+        "enqueue": enqueue.run,
+        "drain": drain.run_drain,
+        "backlog": drain.run_backlog,
+        "export": export.run,
+    }
 
 
 def main() -> int:

@@ -7,7 +7,9 @@ except in `Config.dump`, which writes them to the config file itself.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -221,6 +223,17 @@ def register_procedure_sections(sections: Mapping[str, type[pydantic.BaseModel] 
             SECRET_FIELD_NAMES.update(_collect_secret_field_names(model))
 
 
+@functools.cache
+def _procedure_module_names() -> frozenset[str]:
+    """The procedure modules' names from the directory listing (no import):
+    which sections a config may have in a process that never imported
+    `src.procedures` (scripts, tools); their content is validated where the
+    procedures are registered (main loop, CLI)."""
+    directory = os.path.join(constants.PROJECT_DIR, "src", "procedures")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return frozenset(n[:-3] for n in names if n.endswith(".py") and not n.startswith("_"))
+
+
 def procedure_sections() -> dict[str, type[pydantic.BaseModel] | None]:
     """The registered procedure sections, for the config reference."""
     return dict(_PROCEDURE_SECTIONS)
@@ -253,8 +266,9 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
         for name, value in extra.items():
             if name not in _PROCEDURE_SECTIONS:
-                errors.append({"type": "extra_forbidden", "loc": (name,), "input": value})
-                continue
+                if name not in _procedure_module_names():
+                    errors.append({"type": "extra_forbidden", "loc": (name,), "input": value})
+                continue  # a process that never imported src.procedures: kept as it is
             model = _PROCEDURE_SECTIONS[name]
             if model is None or value is None or isinstance(value, model):
                 continue
@@ -293,11 +307,12 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     def procedure_section(self, name: str, model: type[SectionT]) -> SectionT | None:
         """The validated section of procedure `name` (None: off). Called by
         procedures to read their own settings, typed."""
-        value = (self.__pydantic_extra__ or {}).get(name)
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        value = extra.get(name)
         if value is None:
             return None
         if not isinstance(value, model):
-            raise TypeError(f"section {name!r} is not a {model.__name__}")
+            value = extra[name] = model.model_validate(value, strict=True)
         return value
 
     def enabled_procedure_names(self) -> list[str]:

@@ -52,6 +52,8 @@ class ProcessState(_StateModel):
     alive: bool = False
     restarts: int = 0
     last_error: str | None = None
+    last_error_at: float | None = None
+    crash_looping: bool = False
     started_at: float | None = None
 
 

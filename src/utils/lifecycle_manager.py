@@ -125,6 +125,7 @@ class LifecycleManager:
         self.consecutive_crashes = 0
         self.crash_loop_reported = False
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
         self.next_start_at: float | None = None
         self.tearing_down = False
 
@@ -207,6 +208,7 @@ class LifecycleManager:
             else:
                 error = f"exited with code {exitcode}"
         self.last_error = error
+        self.last_error_at = now
 
         ran_for = now - (self.started_at or now)
         if ran_for >= self.stable_seconds:
@@ -291,6 +293,8 @@ class LifecycleManager:
             alive=alive,
             restarts=self.restarts,
             last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            crash_looping=self.crash_loop_reported,
             started_at=self.started_at if alive else None,
         )
 

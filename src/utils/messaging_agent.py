@@ -99,6 +99,11 @@ def _checked_timestamp(timestamp: float) -> float:
     return value
 
 
+class QueueUnreadableError(Exception):
+    """The queue database exists but SQLite cannot use it (corrupt, not a
+    database); the message names the file."""
+
+
 def _running_config() -> Config | None:
     try:
         return Config.load()
@@ -148,13 +153,20 @@ class MessagingAgent:
         os.makedirs(self.archive_dir, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below)
         self.connection = sqlite3.connect(queue_path, timeout=60, isolation_level=None)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute(f"PRAGMA synchronous={storage.sqlite_synchronous}")
-        self.connection.execute("PRAGMA busy_timeout=60000")
-        with self._transaction():
-            for statement in _SCHEMA:
-                parameters = (secrets.randbits(62),) if "?" in statement else ()
-                self.connection.execute(statement, parameters)
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute(f"PRAGMA synchronous={storage.sqlite_synchronous}")
+            self.connection.execute("PRAGMA busy_timeout=60000")
+            with self._transaction():
+                for statement in _SCHEMA:
+                    parameters = (secrets.randbits(62),) if "?" in statement else ()
+                    self.connection.execute(statement, parameters)
+        except sqlite3.DatabaseError as e:
+            self.connection.close()
+            raise QueueUnreadableError(
+                f"the message queue {queue_path} cannot be opened ({e}); it is left as it is "
+                "for inspection: move it aside to start a new queue"
+            ) from None
         self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
 
     def teardown(self) -> None:
@@ -415,6 +427,18 @@ class MessagingAgent:
         finally:
             agent.close()
 
+    def unarchived_lines(self, since: float, until: float) -> list[str]:
+        """Archive lines of the queued messages measured in [since, until) that
+        the main loop has not appended to the archive files yet. Called by
+        archive readers (`load_message_archive`, `ivy messages`)."""
+        return self._archive_lines(
+            self.connection.execute(
+                f"SELECT {_ROW_COLUMNS} FROM queue "  # noqa: S608
+                "WHERE id > ? AND timestamp >= ? AND timestamp < ? ORDER BY id",
+                (self._read_counter("archived_up_to"), since, until),
+            ).fetchall()
+        )
+
     def _load_archive_day(self, date: datetime.date | str) -> list[MessageArchiveItem]:
         day = datetime.date.fromisoformat(date) if isinstance(date, str) else date
         lines: list[str] = []
@@ -423,17 +447,7 @@ class MessagingAgent:
             with open(path, encoding="utf-8") as f:
                 lines.extend(f.read().splitlines())
         day_start = datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc)
-        lines += self._archive_lines(
-            self.connection.execute(
-                f"SELECT {_ROW_COLUMNS} FROM queue "  # noqa: S608
-                "WHERE id > ? AND timestamp >= ? AND timestamp < ? ORDER BY id",
-                (
-                    self._read_counter("archived_up_to"),
-                    day_start.timestamp(),
-                    day_start.timestamp() + 86_400,
-                ),
-            ).fetchall()
-        )
+        lines += self.unarchived_lines(day_start.timestamp(), day_start.timestamp() + 86_400)
         items: list[MessageArchiveItem] = []
         seen: set[str] = set()
         for line in lines:
