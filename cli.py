@@ -69,6 +69,8 @@ class _OperatorGroup(click.Group):
 @click.group(cls=_OperatorGroup)
 def cli() -> None:
     """Ivy: data-acquisition supervisor of this sensor station."""
+    if os.path.exists(constants.DATA_DIR) and not os.path.isdir(constants.DATA_DIR):
+        _fail(f"the data directory {constants.DATA_DIR} is not a directory (see IVY_DATA_DIR)")
 
 
 @cli.command()

@@ -210,6 +210,19 @@ def test_broken_data_directories_get_a_clear_message(station: Station) -> None:
         assert "active-message-queue.sqlite3 cannot be opened" in result.stderr
         assert "Traceback" not in result.stderr
 
+    a_file = os.path.join(station.project_dir, "not-a-directory")
+    open(a_file, "w").close()
+    for command in ("status", "queue", "messages", "logs"):
+        result = subprocess.run(
+            [sys.executable, os.path.join(station.project_dir, "cli.py"), command],
+            env={**station.env, "IVY_DATA_DIR": a_file},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 1 and "is not a directory" in result.stderr, command
+        assert "Traceback" not in result.stderr
+
     missing: dict[str, Any] = {**station.env, "IVY_DATA_DIR": station.path("nowhere", "deeper")}
     result = subprocess.run(
         [sys.executable, os.path.join(station.project_dir, "cli.py"), "logs"],
