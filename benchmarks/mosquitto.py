@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 
 def mosquitto_binary() -> str:
@@ -32,7 +32,40 @@ def free_port() -> int:
         return port
 
 
-class Broker:
+_BrokerT = TypeVar("_BrokerT", bound="BrokerProcess")
+
+
+class BrokerProcess:
+    """What tests and benchmarks use of any broker they start: its MQTT port
+    on 127.0.0.1, start, stop (data kept for the next start) and its log."""
+
+    port: int
+
+    def start(self) -> None:
+        """Start and wait until the port accepts connections."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop; what the broker persists survives for the next start."""
+        raise NotImplementedError
+
+    def log(self) -> str:
+        """The broker's own log."""
+        raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls: type[_BrokerT], directory: str, **kwargs: Any) -> Iterator[_BrokerT]:
+        """A started broker, stopped whatever happens."""
+        broker = cls(directory, **kwargs)  # type: ignore[call-arg]
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
+
+
+class Broker(BrokerProcess):
     """A Mosquitto process with persistence, so that sessions and retained
     messages survive a restart on the same port."""
 
@@ -106,17 +139,6 @@ class Broker:
             if time.time() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"mosquitto did not start: {self.log()}")
             time.sleep(0.05)
-
-    @classmethod
-    @contextlib.contextmanager
-    def running(cls, directory: str, **kwargs: Any) -> Iterator[Broker]:
-        """A started broker, stopped whatever happens."""
-        broker = cls(directory, **kwargs)
-        broker.start()
-        try:
-            yield broker
-        finally:
-            broker.stop()
 
     def stop(self) -> None:
         """SIGTERM (Mosquitto saves its persistence file) and wait."""

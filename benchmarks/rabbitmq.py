@@ -13,10 +13,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from typing import Any
 
-from benchmarks.mosquitto import free_port
+from benchmarks.mosquitto import BrokerProcess, free_port
 
 _SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 _START_TIMEOUT_SECONDS = 90
@@ -27,7 +25,7 @@ def rabbitmq_available() -> bool:
     return os.path.exists(_SERVER)
 
 
-class RabbitMQBroker:
+class RabbitMQBroker(BrokerProcess):
     """One RabbitMQ node. Its data (durable sessions, retained messages)
     survives `stop()` and `start()`, like a broker restart in production."""
 
@@ -98,17 +96,6 @@ class RabbitMQBroker:
         epmd = shutil.which("epmd")
         if epmd is not None:
             subprocess.run([epmd, "-kill"], env=self.env, capture_output=True, check=False)
-
-    @classmethod
-    @contextlib.contextmanager
-    def running(cls, directory: str, **kwargs: Any) -> Iterator[RabbitMQBroker]:
-        """A started node, stopped whatever happens."""
-        broker = cls(directory, **kwargs)
-        broker.start()
-        try:
-            yield broker
-        finally:
-            broker.stop()
 
     def log(self) -> str:
         """The node's console output (its last lines)."""

@@ -8,19 +8,20 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.mosquitto import Broker
+from benchmarks.mosquitto import Broker, BrokerProcess
 from benchmarks.rabbitmq import RabbitMQBroker
 from tests.conftest import wait_until
 from tests.server_rules import check_payload
 
 # what the broker-parametrized tests need of a broker
-MQTTBroker = Broker | RabbitMQBroker
+MQTTBroker = BrokerProcess
+BrokerT = TypeVar("BrokerT", bound=BrokerProcess)
 
 
 class Subscriber:
@@ -182,8 +183,13 @@ def make_certificates(directory: str) -> dict[str, str]:
 
 
 def broker_fixture(directory: str, **kwargs: Any) -> Iterator[Broker]:
-    """Start a broker and stop it whatever happens; no broker is a failure."""
-    broker = Broker(directory, **kwargs)
+    """A started Mosquitto (see `Broker` for the options)."""
+    yield from _started(Broker(directory, **kwargs))
+
+
+def _started(broker: BrokerT) -> Iterator[BrokerT]:
+    """Start a broker and stop it whatever happens; one that cannot start is a
+    failure, not a skip."""
     try:
         broker.start()
     except RuntimeError as e:
@@ -199,15 +205,8 @@ def wait_for_items(subscriber: Subscriber, prefix: str, count: int, timeout: flo
     return wait_until(lambda: len(subscriber.items(prefix)) >= count, timeout=timeout, interval=0.1)
 
 
-def any_broker_fixture(kind: str, directory: str) -> Iterator[MQTTBroker]:
-    """A started Mosquitto or RabbitMQ (MQTT plugin), stopped whatever
-    happens; one that cannot start is a failure, not a skip."""
-    broker: MQTTBroker = Broker(directory) if kind == "mosquitto" else RabbitMQBroker(directory)
-    try:
-        broker.start()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    try:
-        yield broker
-    finally:
-        broker.stop()
+def any_broker_fixture(kind: str, directory: str) -> Iterator[BrokerProcess]:
+    """A started Mosquitto or RabbitMQ (MQTT plugin) for the tests that run on
+    both."""
+    broker = Broker(directory) if kind == "mosquitto" else RabbitMQBroker(directory)
+    yield from _started(broker)

@@ -46,6 +46,26 @@ def capped_exponential_delay(attempt: int, first: float, cap: float) -> float:
     return min(cap, first * 2.0 ** min(attempt - 1, 32))
 
 
+def dated_files_between(
+    directory: str, suffix: str, since: float | None, until: float | None
+) -> list[str]:
+    """Paths of the files `YYYY-MM-DD<suffix>` in `directory` whose UTC date
+    can hold times in [since, until] (None: open), oldest first. Called by
+    the log and archive readers."""
+    if not os.path.isdir(directory):
+        return []
+    first = utc_date_string(since) if since is not None else ""
+    last = utc_date_string(until) if until is not None else "9999-99-99"
+    return [
+        os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.endswith(suffix)
+        and _DATED_FILE_PATTERN.match(name)
+        and name[: -len(suffix)] == name[:10]
+        and first <= name[:10] <= last
+    ]
+
+
 def delete_expired_dated_files(
     directory: str, retention_days: int, now: float | None = None
 ) -> list[str]:

@@ -5,13 +5,14 @@ arguments as operators type them. Called by `ivy logs` and `ivy messages`."""
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from src import constants
+
+from .functions import dated_files_between
 
 _HEADER = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC - (.+?) - "
@@ -99,19 +100,7 @@ def _entry(header: re.Match[str], lines: list[str]) -> LogEntry:
 
 def log_files(since: float | None = None, until: float | None = None) -> list[str]:
     """The daily log files whose date can hold entries in [since, until]."""
-    if not os.path.isdir(constants.LOGS_DIR):
-        return []
-    first = _date_of(since) if since is not None else ""
-    last = _date_of(until) if until is not None else "9999-99-99"
-    return [
-        os.path.join(constants.LOGS_DIR, name)
-        for name in sorted(os.listdir(constants.LOGS_DIR))
-        if re.match(r"^\d{4}-\d\d-\d\d\.log$", name) and first <= name[:10] <= last
-    ]
-
-
-def _date_of(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d")
+    return dated_files_between(constants.LOGS_DIR, ".log", since, until)
 
 
 def read_entries(

@@ -16,6 +16,7 @@ from typing import IO, Any, Literal
 
 from src import constants
 
+from .functions import dated_files_between
 from .messaging_agent import MessagingAgent
 
 Format = Literal["table", "csv", "jsonl"]
@@ -23,25 +24,14 @@ Format = Literal["table", "csv", "jsonl"]
 # repeats are close to the original, so a window of recent identifiers is
 # enough to drop them without remembering a year of identifiers
 _DEDUPLICATION_WINDOW = 20_000
-_ARCHIVE_FILE = re.compile(r"^(\d{4}-\d\d-\d\d)\.jsonl$")
-
-
-def _day(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d")
 
 
 def archived_lines(since: float | None, until: float | None) -> Iterator[str]:
     """The archive's lines of the days that [since, until] touches, then the
     queued messages not archived yet, in order."""
-    first = _day(since) if since is not None else ""
-    last = _day(until) if until is not None else "9999-99-99"
-    directory = constants.MESSAGE_ARCHIVE_DIR
-    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-    for name in names:
-        match = _ARCHIVE_FILE.match(name)
-        if match and first <= match[1] <= last:
-            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
-                yield from f
+    for path in dated_files_between(constants.MESSAGE_ARCHIVE_DIR, ".jsonl", since, until):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from f
     if os.path.exists(constants.MESSAGE_QUEUE_PATH):
         agent = MessagingAgent()
         try:
