@@ -18,6 +18,7 @@ from src.utils.functions import capped_exponential_delay, delete_expired_dated_f
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
+from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
 from src.utils.updater import Updater
 
@@ -94,6 +95,8 @@ class Mainloop:
             f"starting Ivy {constants.VERSION.root} with config revision "
             f"{self.config.general.config_revision} (pid {os.getpid()})"
         )
+        for name in remove_stale_staging():
+            self.logger.info(f"removed {name}, left by an update that was interrupted")
         self._acknowledge_startup()
         self.start_children()
         with StateInterface.update() as state:

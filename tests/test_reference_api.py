@@ -2,8 +2,8 @@
 authors write against exists with the documented parameters, so that drift
 fails the suite. Ivy may add optional parameters after the documented ones; it
 may not rename, reorder or require more. The updater's version-change steps
-(download_source_code, install_dependencies, run_pytests, update_cli_pointer,
-remove_old_venvs, perform_update) come with the version-update work."""
+(install_dependencies, run_pytests, update_cli_pointer, remove_old_venvs,
+perform_update) come with the rest of the version-update work."""
 
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ REFERENCE: list[tuple[str, str, list[str] | None]] = [
     ("src.utils.state_interface", "StateInterface.load", []),
     ("src.utils.state_interface", "StateInterface.update", []),
     ("src.utils.updater", "Updater.__init__", ["self", "config"]),
+    (
+        "src.utils.updater",
+        "Updater.download_source_code",
+        ["updater_config", "version", "log_progress"],
+    ),
 ]
 
 

@@ -44,6 +44,7 @@ _HOSTNAME_PATTERN = r"^([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f
 _IDENTIFIER_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # Tenta's sensor identifiers (its validation/constants.py): lowercase UUID v4
 TENTA_IDENTIFIER_PATTERN = r"^[a-f0-9]{8}-[a-f0-9]{4}-4[a-f0-9]{3}-[89ab][a-f0-9]{3}-[a-f0-9]{12}$"
+_HOST_AND_PORT_PATTERN = _HOSTNAME_PATTERN[:-1] + r"(:[0-9]{1,5})?$"
 _CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -146,7 +147,9 @@ class UpdaterConfig(_Section):
         description="owner/name (github, gitlab) or a git URL or local path (git).",
     )
     host: str | None = Field(
-        None, pattern=_HOSTNAME_PATTERN, description="GitLab host; null for gitlab.com."
+        None,
+        pattern=_HOST_AND_PORT_PATTERN,
+        description="GitLab host (optionally :port); null for gitlab.com.",
     )
     access_token: SecretString | None = Field(
         None,

@@ -11,7 +11,10 @@ version untouched.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Literal
+
+import tum_esm_utils.validators
 
 from src import constants
 from src.types import (
@@ -20,10 +23,12 @@ from src.types import (
     ConfigMessageBody,
     ForeignConfig,
     State,
+    UpdaterConfig,
 )
 
 from .logger import Logger
 from .messaging_agent import MessagingAgent
+from .source_download import download_source_code
 from .state_interface import StateInterface
 
 _REJECTED_REVISIONS_KEPT = 32
@@ -76,6 +81,17 @@ class Updater:
         self.config = config
         self.logger = logger or Logger(config, "updater")
         self.messaging_agent = messaging_agent or MessagingAgent(config)
+
+    @staticmethod
+    def download_source_code(
+        updater_config: UpdaterConfig,
+        version: tum_esm_utils.validators.Version,
+        log_progress: Callable[[str], None],
+    ) -> None:
+        """Fetch the source of tag `v<version>` into `<root>/<version>/` (see
+        `source_download`: staging, safe extraction, token in a header only).
+        Raise `DownloadError` with the reason when it cannot."""
+        download_source_code(updater_config, version.root, log_progress)
 
     def handle(self, foreign_config: ForeignConfig) -> Config | None:
         """Apply one pending config; return the new `Config` when the children must
