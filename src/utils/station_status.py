@@ -62,7 +62,7 @@ def collect_status() -> dict[str, Any]:
         "config": config_status,
         "backend_connection": (
             state.backend_connection.model_dump()
-            if (running and state.backend_connection is not None)
+            if (running and config_status.get("backend") and state.backend_connection is not None)
             else None
         ),
         "queue": queue,
