@@ -2,8 +2,8 @@
 authors write against exists with the documented parameters, so that drift
 fails the suite. Ivy may add optional parameters after the documented ones; it
 may not rename, reorder or require more. The updater's version-change steps
-(install_dependencies, run_pytests, update_cli_pointer, remove_old_venvs,
-perform_update) come with the rest of the version-update work."""
+(install_dependencies, run_pytests, perform_update) come with the rest of the
+version-update work."""
 
 from __future__ import annotations
 
@@ -102,6 +102,8 @@ REFERENCE: list[tuple[str, str, list[str] | None]] = [
         "Updater.download_source_code",
         ["updater_config", "version", "log_progress"],
     ),
+    ("src.utils.updater", "Updater.update_cli_pointer", ["to_version"]),
+    ("src.utils.updater", "Updater.remove_old_venvs", ["current_version", "log_progress"]),
 ]
 
 

@@ -4,9 +4,12 @@ invalid, stale and version-changing ones rejected or ignored, nothing written.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from typing import Any
 
 import pytest
+from tum_esm_utils.validators import Version
 
 from src import constants
 from src.procedures.dummy_procedure import DummyProcedureConfig
@@ -14,7 +17,7 @@ from src.types import Config, ForeignConfig, State
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from src.utils.updater import Updater, config_revision_is_new
+from src.utils.updater import Updater, cli_pointer_path, config_revision_is_new
 from tests.conftest import template_config_dict
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
@@ -136,3 +139,35 @@ def test_revision_rules() -> None:
     assert not config_revision_is_new(5, 0, state) and config_revision_is_new(6, 0, state)
     state.rejected_config_revisions = [9]
     assert not config_revision_is_new(9, 0, state) and config_revision_is_new(10, 0, state)
+
+
+def test_the_cli_pointer_runs_the_version_it_names(tmp_path: Any, monkeypatch: Any) -> None:
+    root = tmp_path / "root with space"
+    monkeypatch.setattr(constants, "ROOT_DIR", str(root))
+    for version in ("1.0.0", "1.1.0"):
+        python = root / version / ".venv" / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(f'#!/bin/sh\necho "{version}: $@"\n')
+        python.chmod(0o755)
+    Updater.update_cli_pointer(Version("1.0.0"))
+    pointer = cli_pointer_path()
+    assert os.access(pointer, os.X_OK)
+    ran = subprocess.run([pointer, "status", "--json"], capture_output=True, text=True, check=True)
+    assert ran.stdout == f"1.0.0: {root}/1.0.0/cli.py status --json\n"
+    Updater.update_cli_pointer(Version("1.1.0"))
+    ran = subprocess.run([pointer, "start"], capture_output=True, text=True, check=True)
+    assert ran.stdout.startswith("1.1.0: ")
+    assert sorted(os.listdir(root)) == ["1.0.0", "1.1.0", "ivy-cli.sh"]  # no temporary file
+
+
+def test_old_venvs_are_removed_but_the_current_and_kept_ones(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(constants, "ROOT_DIR", str(tmp_path))
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        (tmp_path / version / ".venv").mkdir(parents=True)
+    removed: list[str] = []
+    Updater.remove_old_venvs(Version("1.2.0"), removed.append, keep=("1.1.0",))
+    assert removed == ["removed the virtual environment of 1.0.0"]
+    assert sorted(p.name for p in tmp_path.glob("*/.venv")) == [".venv", ".venv"]
+    assert (tmp_path / "1.0.0").is_dir()  # the source stays; only its venv went

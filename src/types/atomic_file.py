@@ -4,11 +4,12 @@ import os
 import tempfile
 
 
-def write_atomically(path: str, content: str) -> None:
+def write_atomically(path: str, content: str, mode: int = 0o600) -> None:
     """Replace `path` with `content` so that readers see the old or the new file,
     never a partial one, even across a power loss (temporary file in the same
     directory, fsync, rename, fsync of the directory). Called by any process that
-    writes the config or the state."""
+    writes the config or the state, and by the updater for the CLI pointer
+    (`mode` 0o755)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
@@ -16,6 +17,7 @@ def write_atomically(path: str, content: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(content)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # before the rename: never visible with another mode
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:

@@ -11,6 +11,9 @@ version untouched.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,6 +28,7 @@ from src.types import (
     State,
     UpdaterConfig,
 )
+from src.types.atomic_file import write_atomically
 
 from .logger import Logger
 from .messaging_agent import MessagingAgent
@@ -32,6 +36,11 @@ from .source_download import download_source_code
 from .state_interface import StateInterface
 
 _REJECTED_REVISIONS_KEPT = 32
+
+
+def cli_pointer_path() -> str:
+    """`<root>/ivy-cli.sh`, the CLI of the version the station runs."""
+    return os.path.join(constants.ROOT_DIR, f"{constants.NAME}-cli.sh")
 
 
 def config_revision_is_new(revision: int, current_revision: int, state: State) -> bool:
@@ -92,6 +101,40 @@ class Updater:
         `source_download`: staging, safe extraction, token in a header only).
         Raise `DownloadError` with the reason when it cannot."""
         download_source_code(updater_config, version.root, log_progress)
+
+    @staticmethod
+    def update_cli_pointer(to_version: tum_esm_utils.validators.Version) -> None:
+        """Point `<root>/ivy-cli.sh` (what systemd, cron and operators run) at
+        the CLI of `<root>/<version>/`, replacing it atomically: a reader sees
+        the old pointer or the new one, never a partial file."""
+        version_dir = os.path.join(constants.ROOT_DIR, to_version.root)
+        python = shlex.quote(os.path.join(version_dir, ".venv", "bin", "python"))
+        cli_py = shlex.quote(os.path.join(version_dir, "cli.py"))
+        write_atomically(
+            cli_pointer_path(),
+            "#!/bin/sh\n"
+            "# Ivy's CLI pointer: the version this station runs (replaced by the updater)\n"
+            f'exec {python} {cli_py} "$@"\n',
+            mode=0o755,
+        )
+
+    @staticmethod
+    def remove_old_venvs(
+        current_version: tum_esm_utils.validators.Version,
+        log_progress: Callable[[str], None],
+        keep: tuple[str, ...] = (),
+    ) -> None:
+        """Remove the `.venv` of every version under the root except the
+        current one (and those in `keep`, e.g. the previous version a
+        rollback needs)."""
+        if not os.path.isdir(constants.ROOT_DIR):
+            return
+        for name in sorted(os.listdir(constants.ROOT_DIR)):
+            venv = os.path.join(constants.ROOT_DIR, name, ".venv")
+            if name in (current_version.root, *keep) or not os.path.isdir(venv):
+                continue
+            shutil.rmtree(venv, ignore_errors=True)
+            log_progress(f"removed the virtual environment of {name}")
 
     def handle(self, foreign_config: ForeignConfig) -> Config | None:
         """Apply one pending config; return the new `Config` when the children must
