@@ -112,6 +112,8 @@ class ConfigReceiver:
         if config_revision_is_new(revision, self.current_revision, StateInterface.load()):
             return True
         if revision not in self.ignored:
+            if len(self.ignored) >= _ANSWERED_KEPT:  # a flood of old revisions: stay bounded
+                self.ignored.clear()
             self.ignored.add(revision)
             self.logger.info(f"ignoring config revision {revision}: handled already")
         return False
