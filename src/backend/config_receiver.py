@@ -17,7 +17,7 @@ from typing import Any
 import pydantic
 
 from src.types import Config, ConfigMessageBody, ForeignConfig
-from src.types.config import format_validation_error
+from src.types.config import format_validation_error, revision_of
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
@@ -69,11 +69,6 @@ def _json_type(value: Any) -> str:
     )
 
 
-def readable_revision(raw: Any) -> int | None:
-    """`general.config_revision` of a raw config if it is a valid revision."""
-    return ConfigMessageBody.about("rejected", raw).config_revision
-
-
 class ConfigReceiver:
     """Judge configs on arrival: reject, ignore, or queue them for the updater.
     Used by the backend process only."""
@@ -119,7 +114,7 @@ class ConfigReceiver:
         return False
 
     def _reject(self, raw: Any, reason: str, payload: bytes) -> None:
-        revision = readable_revision(raw)
+        revision = revision_of(raw)
         if revision is not None and not self._is_new(revision):
             return  # an old, broken config that is still retained somewhere
         digest = hashlib.sha256(payload).hexdigest()

@@ -60,7 +60,6 @@ class Drainer:
         self.publishes_per_row: dict[int, int] = {}
         self.fetched_up_to = 0  # every row up to here is in flight or deleted
         self.in_flight_above_cursor: set[int] = set()  # only after a rewind
-        self.sent = 0
         self.solo_rows: set[int] = set()  # suspects: each travels alone
         self.poisoned_rows: dict[int, str] = {}  # row -> why it goes out as an error
         self.one_at_a_time = False  # while the culprit of connection drops is sought
@@ -145,7 +144,6 @@ class Drainer:
                 self.solo_rows.discard(row_id)
                 self.poisoned_rows.pop(row_id, None)
                 self.hold_attempts.pop(row_id, None)
-            self.sent += len(finished)
         if refused:
             reasons = ", ".join(sorted(set(refused.values())))
             self.logger.warning(

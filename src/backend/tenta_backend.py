@@ -95,7 +95,9 @@ class TentaProvider(Provider):
         if not 0 <= timestamp < INT4_LIMIT:
             if not clamp:
                 raise ValueError(f"timestamp {timestamp} is outside Tenta's range")
-            timestamp = min(max(timestamp, 0.0), INT4_LIMIT - 1.0) if timestamp == timestamp else 0
+            timestamp = (
+                min(max(timestamp, 0.0), INT4_LIMIT - 1.0) if not math.isnan(timestamp) else 0.0
+            )
         common: dict[str, Any] = {"timestamp": timestamp}
         if is_valid_revision(row.config_revision):
             common["revision"] = row.config_revision

@@ -81,6 +81,18 @@ def is_valid_revision(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < REVISION_LIMIT
 
 
+def general_field_of(raw: Any, name: str) -> Any:
+    """`general.<name>` of raw JSON data that may not be a config at all."""
+    general = raw.get("general") if isinstance(raw, dict) else None
+    return general.get(name) if isinstance(general, dict) else None
+
+
+def revision_of(raw: Any) -> int | None:
+    """`general.config_revision` of raw JSON data, if it is a valid revision."""
+    revision = general_field_of(raw, "config_revision")
+    return revision if is_valid_revision(revision) else None
+
+
 class GeneralConfig(_Section):
     system_identifier: str = Field(
         ...,

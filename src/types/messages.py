@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field
 
-from .config import LogLevel, Revision, is_valid_revision, redact_secrets
+from .config import LogLevel, Revision, general_field_of, redact_secrets, revision_of
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -67,12 +67,10 @@ class ConfigMessageBody(pydantic.BaseModel):
         """The answer about a config given as JSON data (valid or not): its
         revision and version where they can be read, its content with every
         secret redacted. Called by the backend, the updater and the main loop."""
-        general = config.get("general") if isinstance(config, dict) else None
-        revision = general.get("config_revision") if isinstance(general, dict) else None
-        version = general.get("software_version") if isinstance(general, dict) else None
+        version = general_field_of(config, "software_version")
         return cls(
             status=status,
-            config_revision=revision if is_valid_revision(revision) else None,
+            config_revision=revision_of(config),
             software_version=version if isinstance(version, str) and len(version) <= 32 else None,
             reason=reason,
             config=redact_secrets(config) if isinstance(config, dict) else {},
