@@ -86,6 +86,14 @@ def start() -> None:
 
 
 @cli.command()
+def run() -> None:
+    """Run the main loop in the foreground (what systemd runs)."""
+    import run as run_py
+
+    sys.exit(run_py.main())
+
+
+@cli.command()
 def stop() -> None:
     """Stop the main loop and wait until every process of Ivy is gone."""
     if not mainloop_toggle.is_running():

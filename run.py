@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Entrypoint of the main loop: load the .env files (through src.constants),
 take the single-instance lock, validate the config and run the main loop.
-Exits 1 with a clear message when another instance runs or the config is bad."""
+Exits 1 with a clear message when another instance runs or the config is bad.
+When the main loop stopped to hand over to a new software version, the lock
+is released and this process becomes that version's main loop, through the
+CLI pointer (same pid: systemd, `ivy start` and cron see one main loop)."""
 
 import contextlib
+import os
 import sys
 
 
@@ -30,7 +34,14 @@ def main() -> int:
 
         from src import main as mainloop
 
-        mainloop.run(config)
+        handover_to = mainloop.run(config)
+    if handover_to is not None:
+        from src.utils.updater import cli_pointer_path
+
+        pointer = cli_pointer_path()
+        print(f"handing over to version {handover_to} through {pointer}", file=sys.stderr)
+        sys.stderr.flush()
+        os.execv(pointer, [pointer, "run"])  # noqa: S606 - our own pointer, no shell
     return 0
 
 

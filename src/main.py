@@ -13,14 +13,15 @@ import time
 from types import FrameType
 
 from src import backend, constants, procedures
-from src.types import Config, ConfigMessageBody
+from src.types import Config, ConfigMessageBody, ForeignConfig
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
-from src.utils.updater import Updater
+from src.utils.update_worker import UpdateJob
+from src.utils.updater import Reconfigure, StartUpdate, Updater, resolve_interrupted_switch
 
 _MAX_WAIT_SECONDS = 0.5
 _ARCHIVE_FLUSH_INTERVAL = 2.0
@@ -45,6 +46,9 @@ class Mainloop:
         self.reported_dropped = self.messaging_agent.get_dropped_count()
         self.published_status: str | None = None
         self.state_seen: tuple[int, int] | None = None
+        self.update_job: UpdateJob | None = None
+        # the version to hand over to once torn down (run.py starts it)
+        self.handover_to: str | None = None
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = True
@@ -87,8 +91,9 @@ class Mainloop:
         teardown_in_parallel([m for m in self.managers if m.variant == "backend"])
         self.managers = []
 
-    def run(self) -> None:
-        """Run until SIGTERM or SIGINT, then tear down and return."""
+    def run(self) -> str | None:
+        """Run until SIGTERM or SIGINT, or until a software update is ready,
+        then tear down; return the version to hand over to, if any."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.logger.info(
@@ -97,6 +102,7 @@ class Mainloop:
         )
         for name in remove_stale_staging():
             self.logger.info(f"removed {name}, left by an update that was interrupted")
+        resolve_interrupted_switch(self.logger, self.messaging_agent)
         self._acknowledge_startup()
         self.start_children()
         with StateInterface.update() as state:
@@ -117,6 +123,13 @@ class Mainloop:
                 continue
             self._wait_for_next_event()
 
+        if self.update_job is not None:
+            self.logger.warning(
+                "stopping during an update: cancelled it; the config is tried again "
+                "when it next arrives"
+            )
+            self.update_job.cancel()
+            self.update_job = None
         self.logger.info("stopping: tearing down procedures, then backends")
         self.stop_children()
         self.messaging_agent.flush_archive()
@@ -126,11 +139,13 @@ class Mainloop:
                 process_state.alive = False
                 process_state.pid = None
         self.logger.info("stopped")
+        return self.handover_to
 
     def iterate(self) -> None:
         """One pass: restart dead children, apply pending configs, periodic work."""
         for manager in self.managers:
             manager.supervise()
+        self._poll_update()
         self._apply_pending_configs()
         now = time.time()
         if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
@@ -148,6 +163,8 @@ class Mainloop:
             if due is not None:
                 timeout = min(timeout, due)
         sentinels = [s for s in (m.sentinel() for m in self.managers) if s is not None]
+        if self.update_job is not None:
+            sentinels.append(self.update_job.sentinel())
         if sentinels:
             multiprocessing.connection.wait(sentinels, timeout=timeout)
         else:
@@ -163,6 +180,9 @@ class Mainloop:
         self.messaging_agent.add_message(ConfigMessageBody.about("startup", revealed))
 
     def _apply_pending_configs(self) -> None:
+        # configs that arrive during an update wait in the state until it ends
+        if self.update_job is not None or self.handover_to is not None:
+            return
         # a backend that queues a config replaces the state file (new inode):
         # skip the locked read and parse while it has not changed. Our own
         # heartbeat rewrites it every 10 s, so even a change within one clock
@@ -180,12 +200,40 @@ class Mainloop:
         with StateInterface.update() as state:
             pending = sorted(state.pending_configs, key=lambda c: c.general.config_revision)
             state.pending_configs = []
-        for foreign_config in pending:
-            new_config = self.updater.handle(foreign_config)
-            if new_config is not None:
+        for index, foreign_config in enumerate(pending):
+            decision = self.updater.handle(foreign_config)
+            if isinstance(decision, Reconfigure):
                 self.stop_children()
-                self.reconfigure(new_config)
+                self.reconfigure(decision.config)
                 self.start_children()
+            elif isinstance(decision, StartUpdate):
+                self.update_job = UpdateJob.start(self.config, decision.foreign_config)
+                self._requeue(pending[index + 1 :])
+                return
+
+    def _requeue(self, configs: list[ForeignConfig]) -> None:
+        if configs:
+            with StateInterface.update() as state:
+                state.pending_configs = [*configs, *state.pending_configs]
+            self.state_seen = None
+
+    def _poll_update(self) -> None:
+        """Act on a finished update worker: reject the config with the failed
+        step's reason, or switch the pointer and stop to hand over."""
+        if self.update_job is None:
+            return
+        finished, failure = self.update_job.outcome()
+        if not finished:
+            return
+        foreign_config = self.update_job.foreign_config
+        self.update_job = None
+        self.state_seen = None  # look at configs that waited
+        if failure is not None:
+            self.updater.abandon_update(foreign_config, failure)
+            return
+        self.updater.switch_to(foreign_config)
+        self.handover_to = foreign_config.general.software_version.root
+        self.stop_requested = True
 
     def reconfigure(self, config: Config) -> None:
         """Use `config` from now on: a new logger, messaging agent (the new
@@ -229,8 +277,9 @@ class Mainloop:
         self.published_status = serialized
 
 
-def run(config: Config | None = None) -> None:
+def run(config: Config | None = None) -> str | None:
     """Run the main loop in this process until it is told to stop (with the
-    given config, or `config/config.json`). Called by run.py, which holds the
-    single-instance lock."""
-    Mainloop(config or Config.load()).run()
+    given config, or `config/config.json`); return the version to hand over
+    to when it stopped for a software update. Called by run.py, which holds
+    the single-instance lock and starts that version once it has released it."""
+    return Mainloop(config or Config.load()).run()

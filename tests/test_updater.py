@@ -17,7 +17,13 @@ from src.types import Config, ForeignConfig, State
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from src.utils.updater import Updater, cli_pointer_path, config_revision_is_new
+from src.utils.updater import (
+    Reconfigure,
+    StartUpdate,
+    Updater,
+    cli_pointer_path,
+    config_revision_is_new,
+)
 from tests.conftest import template_config_dict
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
@@ -63,7 +69,7 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
             },
         )
     )
-    assert new is not None and new.general.config_revision == 5
+    assert isinstance(new, Reconfigure) and new.config.general.config_revision == 5
     on_disk = Config.load()
     section = on_disk.procedure_section("dummy_procedure", DummyProcedureConfig)
     assert section is not None and section.seconds_between_datapoints == 3
@@ -92,16 +98,47 @@ def test_stale_and_duplicate_revisions_are_ignored() -> None:
     assert [a["status"] for a in acknowledgements(agent)] == ["received", "accepted"]
 
 
-def test_version_change_is_refused_and_leaves_the_config_alone() -> None:
+def version_change(revision: int, version: str, updater: Any) -> ForeignConfig:
+    config = foreign(revision, updater=updater)
+    config.general.software_version.root = version
+    return config
+
+
+GIT_SOURCE = {"source": "git", "repository": "/nonexistent/repo"}
+
+
+@pytest.mark.parametrize(
+    ("version", "updater_section", "reason"),
+    [
+        ("9.9.9", None, "updater: null; a config for another software version needs"),
+        ("9.9.9", {"source": "svn", "repository": "x"}, "updater is invalid (1 problem(s)):\n  source: Input should be"),
+        ("9.9.9", {"source": "git"}, "repository: Field required"),
+        ("0.0.1", GIT_SOURCE, "general.software_version: 0.0.1 is older than the running"),
+    ],
+)
+def test_a_version_change_that_cannot_be_installed_is_refused_and_changes_nothing(
+    version: str, updater_section: Any, reason: str
+) -> None:
     updater, agent = make_updater()
     before = config_file()
-    config = foreign(4)
-    config.general.software_version.root = "9.9.9"
-    assert updater.handle(config) is None
+    assert updater.handle(version_change(4, version, updater_section)) is None
     assert config_file() == before
-    rejected = acknowledgements(agent)[-1]
-    assert rejected["status"] == "rejected"
-    assert rejected["reason"].startswith("general.software_version: 9.9.9 differs")
+    acks = acknowledgements(agent)
+    assert [a["status"] for a in acks] == ["received", "rejected"]
+    assert acks[0]["software_update"] == "DOWNLOADING"
+    assert acks[1]["software_update"] == "FAILED"
+    assert reason in acks[1]["reason"], acks[1]["reason"]
+    assert StateInterface.load().rejected_config_revisions == [4]
+    assert StateInterface.load().config_outcomes[-1].status == "rejected"
+
+
+def test_a_downgrade_that_the_config_allows_and_an_upgrade_start_an_update() -> None:
+    updater, _ = make_updater()
+    allowed = {**GIT_SOURCE, "allow_downgrades": True}
+    assert isinstance(updater.handle(version_change(4, "0.0.1", allowed)), StartUpdate)
+    assert isinstance(updater.handle(version_change(5, "9.9.9", GIT_SOURCE)), StartUpdate)
+    # neither is handled yet: the worker has not run
+    assert StateInterface.load().highest_handled_config_revision is None
 
 
 def test_a_fresh_station_accepts_its_current_revision_once() -> None:

@@ -186,12 +186,14 @@ class TentaProvider(Provider):
             text = f"config revision {revision} rejected: {body['reason']}"
             items += self._logs(text, "error", common, self.item_text_bytes)
         else:
-            label = {
-                "received": "received config revision",
-                "accepted": "accepted config revision",
-                "startup": "started with config revision",
-            }[status]
-            text = f"{label} {revision} (Ivy {body['software_version']})"
+            text = {
+                "received": f"received config revision {revision}",
+                "accepted": f"accepted config revision {revision}",
+                "startup": f"started with config revision {revision}",
+                "progress": f"config revision {revision}: {body.get('step')} done "
+                f"in {body.get('step_seconds')} s",
+            }.get(status, f"config revision {revision}: {status}")  # another version's status
+            text += f" (Ivy {body['software_version']})"
             items += self._logs(text, "info", common, self.item_text_bytes)
         return items
 

@@ -87,9 +87,18 @@ class ThingsBoardProvider(Provider):
                 "config_software_version": body["software_version"],
                 "config_reason": body["reason"],
             }
+            if body.get("step") is not None:
+                values["config_step"] = body["step"]
+                values["config_step_seconds"] = body.get("step_seconds")
             if body["status"] == "startup":  # the device's software, as ThingsBoard shows it
                 values["current_sw_title"] = constants.NAME
                 values["current_sw_version"] = body["software_version"]
+            if body.get("software_update") is not None:  # ThingsBoard's OTA progress
+                values["sw_state"] = body["software_update"]
+                values["target_sw_title"] = constants.NAME
+                values["target_sw_version"] = body["software_version"]
+                if body["software_update"] == "FAILED":
+                    values["sw_error"] = body["reason"]
         else:
             raise ValueError(f"unknown message variant {body['variant']!r}")
         return self._telemetry(row, identifier, values, self.item_text_bytes)

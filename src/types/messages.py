@@ -45,24 +45,41 @@ class LogMessageBody(pydantic.BaseModel):
     body: str = Field("", max_length=65_536)
 
 
+ConfigStatus = Literal["received", "progress", "accepted", "rejected", "startup"]
+# where a software update stands, in ThingsBoard's OTA vocabulary (`sw_state`)
+SoftwareUpdateState = Literal[
+    "DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED", "FAILED"
+]
+
+
 class ConfigMessageBody(pydantic.BaseModel):
-    """The station's answer to a config: received, accepted, rejected (with a
-    reason), or the config it started with. `config` never holds secrets."""
+    """The station's answer to a config: received, one step of a software
+    update done (`progress`, with the step and its duration), accepted,
+    rejected (with a reason), or the config it started with. `config` never
+    holds secrets. `software_update` is set on the answers about a config that
+    changes the software version."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
     variant: Literal["config"] = "config"
-    status: Literal["received", "accepted", "rejected", "startup"]
+    status: ConfigStatus
     config_revision: Revision | None
     software_version: str | None = Field(..., max_length=64)
     reason: str | None = None
+    step: str | None = Field(None, max_length=32)
+    step_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    software_update: SoftwareUpdateState | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def about(
         cls,
-        status: Literal["received", "accepted", "rejected", "startup"],
+        status: ConfigStatus,
         config: Any,
         reason: str | None = None,
+        *,
+        step: str | None = None,
+        step_seconds: float | None = None,
+        software_update: SoftwareUpdateState | None = None,
     ) -> ConfigMessageBody:
         """The answer about a config given as JSON data (valid or not): its
         revision and version where they can be read, its content with every
@@ -73,6 +90,9 @@ class ConfigMessageBody(pydantic.BaseModel):
             config_revision=revision_of(config),
             software_version=version if isinstance(version, str) and len(version) <= 32 else None,
             reason=reason,
+            step=step,
+            step_seconds=None if step_seconds is None else round(step_seconds, 3),
+            software_update=software_update,
             config=redact_secrets(config) if isinstance(config, dict) else {},
         )
 

@@ -80,6 +80,26 @@ class SystemState(_StateModel):
     cpu_temperature_c: float | None = None
 
 
+class UpdateProgress(_StateModel):
+    """The software update the main loop's worker is busy with."""
+
+    version: str
+    config_revision: int
+    step: str
+    started_at: float
+    step_started_at: float
+
+
+class ConfigOutcome(_StateModel):
+    """How a config ended (what `ivy config apply` reports)."""
+
+    config_revision: int
+    software_version: str
+    status: str
+    reason: str | None = None
+    at: float
+
+
 # procedure name -> the model of its own state section, registered by
 # `src.procedures` (this layer cannot import procedures)
 _PROCEDURE_STATES: dict[str, type[pydantic.BaseModel]] = {}
@@ -112,6 +132,9 @@ class State(_StateModel):
     # recently rejected revisions, so that a retained config is not judged (and
     # answered) again at every reconnect; bounded, newest last
     rejected_config_revisions: list[int] = Field(default_factory=list)
+    update_in_progress: UpdateProgress | None = None
+    # the last configs' outcomes, newest last (bounded)
+    config_outcomes: list[ConfigOutcome] = Field(default_factory=list)
 
     @pydantic.model_validator(mode="after")
     def _procedure_sections(self) -> State:

@@ -1,11 +1,16 @@
-"""Apply configs that arrived from the backend (queued in `state.pending_configs`).
+"""Apply configs that arrived from the backend or from `ivy config apply`
+(queued in `state.pending_configs`).
 
 A config for the running software version is validated against the full schema,
 written atomically to `config/config.json`, and handed back to the main loop,
-which restarts its children with it. Every outcome is acknowledged through the
-message queue. Software version changes are refused with a clear reason: this
-version cannot install other versions yet, and refusing leaves the running
-version untouched.
+which restarts its children with it. A config for another version starts a
+software update in a worker process (`update_worker`): check the disk, fetch
+the source of tag `v<version>`, install its locked dependencies into its own
+venv, write and check the config with the new version's own schema, and run
+its `version_change` tests. When all pass, the main loop switches the CLI
+pointer and hands over to the new version (`switch_to`). Every outcome and
+every step is acknowledged through the message queue; a refusal leaves the
+running version untouched.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import json
 import os
 import shlex
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
+import pydantic
 import tum_esm_utils.validators
 
 from src import constants
@@ -29,13 +37,26 @@ from src.types import (
     UpdaterConfig,
 )
 from src.types.atomic_file import write_atomically
+from src.types.config import format_validation_error, secret_values
+from src.types.messages import SoftwareUpdateState
+from src.types.state import ConfigOutcome
 
+from .dependency_install import install_locked_dependencies
 from .logger import Logger
 from .messaging_agent import MessagingAgent
-from .source_download import download_source_code
+from .source_download import download_source_code, version_directory
 from .state_interface import StateInterface
+from .step_runner import StepError, mask, run_command
+from .update_journal import Candidate, load_journal, save_journal
 
 _REJECTED_REVISIONS_KEPT = 32
+_OUTCOMES_KEPT = 16
+PYTEST_MARKER = "version_change"
+INSTALL_TIMEOUT_SECONDS = 900.0
+TESTS_TIMEOUT_SECONDS = 900.0
+CONFIG_CHECK_TIMEOUT_SECONDS = 60.0
+# free space asked for beyond the estimated size of the new version
+DISK_MARGIN_BYTES = 100 * 1024 * 1024
 
 
 def cli_pointer_path() -> str:
@@ -77,8 +98,59 @@ def mark_config_revision_rejected(revision: int) -> None:
             ]
 
 
+def record_config_outcome(
+    revision: int, version: str, status: str, reason: str | None = None
+) -> None:
+    """Remember how a config ended, for `ivy config apply` and `ivy status`
+    (the last few only). Called by the updater."""
+    outcome = ConfigOutcome(
+        config_revision=revision,
+        software_version=version,
+        status=status,
+        reason=reason,
+        at=time.time(),
+    )
+    with StateInterface.update() as state:
+        state.config_outcomes = [*state.config_outcomes[-(_OUTCOMES_KEPT - 1) :], outcome]
+
+
+@dataclass(frozen=True)
+class Reconfigure:
+    """The main loop restarts its children with `config`."""
+
+    config: Config
+
+
+@dataclass(frozen=True)
+class StartUpdate:
+    """The main loop starts an update worker for this config and version."""
+
+    foreign_config: ForeignConfig
+    updater_config: UpdaterConfig
+
+
+Decision = Reconfigure | StartUpdate | None
+
+
+def _directory_bytes(path: str) -> int:
+    """Disk used below `path`, each inode once (hardlinked venvs share files)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
 class Updater:
-    """Decides about pending configs. Used by the main loop only."""
+    """Decides about pending configs and runs the steps of a software update.
+    Used by the main loop (decisions, switch) and its update worker (steps)."""
 
     def __init__(
         self,
@@ -91,6 +163,22 @@ class Updater:
         self.logger = logger or Logger(config, "updater")
         self.messaging_agent = messaging_agent or MessagingAgent(config)
 
+    # --- the steps, each usable on its own --------------------------------
+
+    @staticmethod
+    def check_free_space(version: tum_esm_utils.validators.Version) -> None:
+        """Refuse (`StepError`) when the root's filesystem has less free space
+        than this installation takes (source and venv) plus a margin: the new
+        version would be about as large."""
+        os.makedirs(constants.ROOT_DIR, exist_ok=True)
+        needed = _directory_bytes(constants.PROJECT_DIR) + DISK_MARGIN_BYTES
+        free = shutil.disk_usage(constants.ROOT_DIR).free
+        if free < needed:
+            raise StepError(
+                f"not enough disk space for version {version.root}: {free // 2**20} MiB free "
+                f"in {constants.ROOT_DIR}, about {needed // 2**20} MiB needed"
+            )
+
     @staticmethod
     def download_source_code(
         updater_config: UpdaterConfig,
@@ -101,6 +189,87 @@ class Updater:
         `source_download`: staging, safe extraction, token in a header only).
         Raise `DownloadError` with the reason when it cannot."""
         download_source_code(updater_config, version.root, log_progress)
+
+    @staticmethod
+    def install_dependencies(
+        version: tum_esm_utils.validators.Version,
+        log_progress: Callable[[str], None],
+    ) -> None:
+        """Create `<root>/<version>/.venv` with exactly the locked runtime and
+        `gate` dependencies of that version's `pdm.lock` (see
+        `dependency_install`). Raise `StepError` with the tail of the output."""
+        install_locked_dependencies(
+            version_directory(version.root), log_progress, INSTALL_TIMEOUT_SECONDS
+        )
+
+    @staticmethod
+    def run_pytests(version: tum_esm_utils.validators.Version, pytest_marker: str) -> None:
+        """Run `pytest -m <pytest_marker>` of `<root>/<version>/` in its own
+        venv, with data and root directories of its own (removed afterwards),
+        so that the tests can never touch the running station's queue, state
+        or config. Raise `StepError` with the tail of pytest's output."""
+        project = version_directory(version.root)
+        scratch = os.path.join(constants.ROOT_DIR, f".staging-tests-{version.root}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("IVY_") and key not in ("VIRTUAL_ENV", "PYTHONPATH")
+        }
+        environment.update(
+            {
+                "IVY_DATA_DIR": os.path.join(scratch, "data"),
+                "IVY_ROOT_DIR": os.path.join(scratch, "root"),
+                "PYTHONDONTWRITEBYTECODE": "1",
+            }
+        )
+        try:
+            run_command(
+                [
+                    os.path.join(project, ".venv", "bin", "python"),
+                    "-m",
+                    "pytest",
+                    "-m",
+                    pytest_marker,
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "--basetemp",
+                    os.path.join(scratch, "tmp"),
+                ],
+                timeout=TESTS_TIMEOUT_SECONDS,
+                cwd=project,
+                environment=environment,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    @staticmethod
+    def write_config(
+        version: tum_esm_utils.validators.Version, foreign_config: ForeignConfig
+    ) -> None:
+        """Write the config into `<root>/<version>/config/` (with this
+        installation's `config/.env`, if any) and have the new version's own
+        CLI check it against its own schema. Raise `StepError` with the
+        problems it names, secrets masked."""
+        project = version_directory(version.root)
+        path = os.path.join(project, "config", "config.json")
+        foreign_config.dump(path)
+        env_file = os.path.join(constants.CONFIG_DIR, ".env")
+        if os.path.isfile(env_file) and os.path.dirname(path) != constants.CONFIG_DIR:
+            shutil.copy2(env_file, os.path.join(project, "config", ".env"))
+        run_command(
+            [
+                os.path.join(project, ".venv", "bin", "python"),
+                os.path.join(project, "cli.py"),
+                "config",
+                "check",
+                path,
+            ],
+            timeout=CONFIG_CHECK_TIMEOUT_SECONDS,
+            cwd=project,
+            secrets=secret_values_of(foreign_config),
+        )
 
     @staticmethod
     def update_cli_pointer(to_version: tum_esm_utils.validators.Version) -> None:
@@ -136,53 +305,241 @@ class Updater:
             shutil.rmtree(venv, ignore_errors=True)
             log_progress(f"removed the virtual environment of {name}")
 
-    def handle(self, foreign_config: ForeignConfig) -> Config | None:
-        """Apply one pending config; return the new `Config` when the children must
-        be restarted with it, None when it was ignored or rejected."""
+    def perform_update(self, foreign_config: ForeignConfig) -> None:
+        """Run every step of an update to `foreign_config`'s version in this
+        process, acknowledging each with its duration; raise `StepError` (or
+        `DownloadError`) naming the failed step. Called by the update worker;
+        the main loop then switches (`switch_to`)."""
+        updater_config = self.updater_config_of(foreign_config)
+        version = foreign_config.general.software_version
+
+        def log_progress(message: str) -> None:
+            self.logger.info(message)
+
+        steps: list[tuple[str, Callable[[], None], SoftwareUpdateState | None]] = [
+            ("space", lambda: self.check_free_space(version), None),
+            (
+                "download",
+                lambda: self.download_source_code(updater_config, version, log_progress),
+                "DOWNLOADED",
+            ),
+            ("install", lambda: self.install_dependencies(version, log_progress), None),
+            ("configure", lambda: self.write_config(version, foreign_config), None),
+            ("tests", lambda: self.run_pytests(version, PYTEST_MARKER), "VERIFIED"),
+        ]
+        for step, action, reached in steps:
+            started = time.time()
+            with StateInterface.update() as state:
+                if state.update_in_progress is not None:
+                    state.update_in_progress.step = step
+                    state.update_in_progress.step_started_at = started
+            try:
+                action()
+            except Exception as e:
+                raise StepError(f"{step}: {e}") from None
+            self.acknowledge(
+                foreign_config,
+                "progress",
+                step=step,
+                step_seconds=time.time() - started,
+                software_update=reached,
+            )
+
+    # --- decisions (main loop) ---------------------------------------------
+
+    @staticmethod
+    def updater_config_of(foreign_config: ForeignConfig) -> UpdaterConfig:
+        """The config's `updater` section, validated strictly; raise
+        `ConfigError` naming the problem (no section: no known source)."""
+        raw = foreign_config.to_dict().get("updater")
+        if raw is None:
+            raise ConfigError(
+                "updater: null; a config for another software version needs an updater "
+                "section that says where that version comes from"
+            )
+        try:
+            return UpdaterConfig.model_validate(raw)
+        except pydantic.ValidationError as e:
+            raise ConfigError(format_validation_error(e, "updater")) from None
+
+    def handle(self, foreign_config: ForeignConfig) -> Decision:
+        """Judge one pending config: `Reconfigure` when it is for this version
+        and valid, `StartUpdate` when it asks for another version that may be
+        installed, None when it was ignored or rejected (acknowledged)."""
         revision = foreign_config.general.config_revision
-        version = foreign_config.general.software_version.root
+        version = foreign_config.general.software_version
         if not config_revision_is_new(
             revision, self.config.general.config_revision, StateInterface.load()
         ):
             self.logger.info(f"ignoring config revision {revision}: handled already")
             return None
-        self._acknowledge(foreign_config, "received")
-
-        if version != constants.VERSION.root:
-            self._reject(
-                foreign_config,
-                f"general.software_version: {version} differs from the running "
-                f"{constants.VERSION.root}; this version of Ivy applies config changes only",
-            )
-            return None
+        if version.root != constants.VERSION.root:
+            return self._judge_version_change(foreign_config)
+        self.acknowledge(foreign_config, "received")
         try:
             new_config = Config.load_from_string(
                 json.dumps(foreign_config.to_dict()), source=f"config revision {revision}"
             )
         except ConfigError as e:
-            self._reject(foreign_config, str(e))
+            self.reject(foreign_config, str(e))
             return None
 
         new_config.dump()
         self.config = new_config
         mark_config_revision_handled(revision)
-        self._acknowledge(foreign_config, "accepted")
+        self.acknowledge(foreign_config, "accepted")
+        record_config_outcome(revision, version.root, "accepted")
         self.logger.info(f"accepted config revision {revision}; restarting procedures and backend")
-        return new_config
+        return Reconfigure(new_config)
 
-    def _reject(self, foreign_config: ForeignConfig, reason: str) -> None:
-        mark_config_revision_rejected(foreign_config.general.config_revision)
-        self.logger.warning(
-            f"rejected config revision {foreign_config.general.config_revision}", details=reason
+    def _judge_version_change(self, foreign_config: ForeignConfig) -> Decision:
+        version = foreign_config.general.software_version
+        self.acknowledge(foreign_config, "received", software_update="DOWNLOADING")
+        try:
+            updater_config = self.updater_config_of(foreign_config)
+        except ConfigError as e:
+            self.reject(foreign_config, str(e))
+            return None
+        if version < constants.VERSION and not updater_config.allow_downgrades:
+            self.reject(
+                foreign_config,
+                f"general.software_version: {version.root} is older than the running "
+                f"{constants.VERSION.root}; set updater.allow_downgrades to go back",
+            )
+            return None
+        self.logger.info(
+            f"config revision {foreign_config.general.config_revision} asks for version "
+            f"{version.root}: updating (procedures keep measuring meanwhile)"
         )
-        self._acknowledge(foreign_config, "rejected", reason)
+        return StartUpdate(foreign_config, updater_config)
 
-    def _acknowledge(
+    def switch_to(self, foreign_config: ForeignConfig) -> None:
+        """After every step passed: note the candidate in the journal, point
+        the CLI pointer at the new version, remember the revision as handled,
+        and acknowledge the switch. The main loop then hands over. Called by
+        the main loop."""
+        version = foreign_config.general.software_version
+        revision = foreign_config.general.config_revision
+        journal = load_journal()
+        journal.current = journal.current or constants.VERSION.root
+        journal.candidate = Candidate(
+            version=version.root,
+            from_version=constants.VERSION.root,
+            config_revision=revision,
+            switched_at=time.time(),
+        )
+        save_journal(journal)
+        self.update_cli_pointer(version)
+        mark_config_revision_handled(revision)
+        self.acknowledge(foreign_config, "progress", step="switch", software_update="UPDATING")
+        self.logger.info(f"switched the CLI pointer to version {version.root}; handing over")
+
+    def abandon_update(self, foreign_config: ForeignConfig, reason: str) -> None:
+        """A step failed: reject the config with the reason and remove what
+        the update added under the root (never the running version, nor the
+        previous one a rollback needs). Called by the main loop."""
+        version = foreign_config.general.software_version.root
+        directory = version_directory(version)
+        keep = {os.path.realpath(constants.PROJECT_DIR)}
+        previous = load_journal().previous
+        if previous is not None:
+            keep.add(os.path.realpath(version_directory(previous)))
+        if os.path.realpath(directory) not in keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        self.reject(foreign_config, f"the update to {version} failed at {reason}")
+
+    def reject(self, foreign_config: ForeignConfig, reason: str) -> None:
+        """Acknowledge a config as rejected and remember its revision as such.
+        A config that asked for another version also reports the update as
+        failed."""
+        revision = foreign_config.general.config_revision
+        version = foreign_config.general.software_version.root
+        reason = mask_secrets_of(foreign_config, reason)
+        mark_config_revision_rejected(revision)
+        record_config_outcome(revision, version, "rejected", reason)
+        self.logger.warning(f"rejected config revision {revision}", details=reason)
+        self.acknowledge(
+            foreign_config,
+            "rejected",
+            reason,
+            software_update="FAILED" if version != constants.VERSION.root else None,
+        )
+
+    def acknowledge(
         self,
         foreign_config: ForeignConfig,
-        status: Literal["received", "accepted", "rejected"],
+        status: Literal["received", "progress", "accepted", "rejected"],
         reason: str | None = None,
+        *,
+        step: str | None = None,
+        step_seconds: float | None = None,
+        software_update: SoftwareUpdateState | None = None,
     ) -> None:
+        """Queue the answer about a config (secrets redacted)."""
         self.messaging_agent.add_message(
-            ConfigMessageBody.about(status, foreign_config.to_dict(), reason)
+            ConfigMessageBody.about(
+                status,
+                foreign_config.to_dict(),
+                reason,
+                step=step,
+                step_seconds=step_seconds,
+                software_update=software_update,
+            )
         )
+
+
+def secret_values_of(foreign_config: ForeignConfig) -> set[str]:
+    """The values of every secret field of a received config."""
+    return secret_values(foreign_config.to_dict())
+
+
+def mask_secrets_of(foreign_config: ForeignConfig, text: str) -> str:
+    """`text` with every secret value of the config masked."""
+    return mask(text, secret_values_of(foreign_config))
+
+
+def resolve_interrupted_switch(logger: Logger, messaging_agent: MessagingAgent) -> None:
+    """At the start of a main loop: finish what a switch left in the journal.
+    If this version is the candidate, the switch worked: acknowledge the
+    config as accepted and make this version current (the previous one kept).
+    If another version is the candidate, the switch was cut off before the
+    pointer moved: forget it (the revision was not marked handled, so the same
+    config is tried again when it next arrives). Called by the main loop."""
+    journal = load_journal()
+    candidate = journal.candidate
+    if candidate is None:
+        if journal.current != constants.VERSION.root:
+            journal.current = constants.VERSION.root
+            save_journal(journal)
+        return
+    if candidate.version == constants.VERSION.root:
+        mark_config_revision_handled(candidate.config_revision)
+        journal.previous = candidate.from_version
+        journal.last_outcome = (
+            f"updated from {candidate.from_version} to {candidate.version} "
+            f"(config revision {candidate.config_revision})"
+        )
+        record_config_outcome(candidate.config_revision, candidate.version, "accepted")
+        try:
+            config = Config.load()
+            raw = json.loads(config.to_json(reveal_secrets=True))
+        except ConfigError:
+            raw = {
+                "general": {
+                    "config_revision": candidate.config_revision,
+                    "software_version": candidate.version,
+                }
+            }
+        messaging_agent.add_message(
+            ConfigMessageBody.about("accepted", raw, software_update="UPDATED")
+        )
+        logger.info(journal.last_outcome)
+    else:
+        logger.warning(
+            f"the switch to version {candidate.version} was interrupted before the CLI "
+            f"pointer moved; staying on {constants.VERSION.root}"
+        )
+        journal.last_outcome = f"switch to {candidate.version} interrupted"
+    journal.current = constants.VERSION.root
+    journal.candidate = None
+    save_journal(journal)

@@ -1,0 +1,58 @@
+"""The update journal, `<data>/update-journal.json`: which version the station
+runs, which one it ran before (the one to go back to), and a candidate version
+while the station is switching to it. Written atomically (temporary file,
+fsync, rename), so that a power loss at any moment leaves the old or the new
+journal, and any start of any version can tell where an update stood.
+The data directory is shared by all versions, so every version reads the same
+journal; unknown keys (a newer version's) are kept.
+Read and written by the main loop and its updater, and by `ivy setup`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pydantic
+
+from src import constants
+from src.types.atomic_file import write_atomically
+
+
+class Candidate(pydantic.BaseModel):
+    """A version the station is switching to, and from which version."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    version: str
+    from_version: str
+    config_revision: int
+    switched_at: float
+
+
+class UpdateJournal(pydantic.BaseModel):
+    """What `ivy update status` shows (issue: trial and rollback build on it)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    current: str | None = None
+    previous: str | None = None
+    candidate: Candidate | None = None
+    last_outcome: str | None = None
+
+
+def journal_path() -> str:
+    """`<data>/update-journal.json`."""
+    return os.path.join(constants.DATA_DIR, "update-journal.json")
+
+
+def load_journal() -> UpdateJournal:
+    """The journal; an empty one when there is none or it cannot be read (a
+    station set up before the journal existed)."""
+    try:
+        with open(journal_path(), encoding="utf-8") as f:
+            return UpdateJournal.model_validate(json.load(f))
+    except (OSError, ValueError):
+        return UpdateJournal()
+
+
+def save_journal(journal: UpdateJournal) -> None:
+    """Replace the journal atomically."""
+    write_atomically(journal_path(), journal.model_dump_json(indent=2) + "\n", mode=0o644)
