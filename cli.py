@@ -435,15 +435,27 @@ def config_schema() -> None:
     click.echo(render_json_schema(), nl=False)
 
 
+def _boot_commands() -> tuple[list[str], list[str]]:
+    """(foreground command, background start command): through the CLI
+    pointer in a production root, so that boot always runs the version the
+    updater switched to; this checkout's own files otherwise."""
+    from src.utils.updater import cli_pointer_path
+
+    pointer = cli_pointer_path()
+    if os.path.isfile(pointer):
+        return [pointer, "run"], [pointer, "start"]
+    python, cli_py = sys.executable, os.path.join(constants.PROJECT_DIR, "cli.py")
+    return [python, cli_py, "run"], [python, cli_py, "start"]
+
+
 @cli.command()
 @click.argument("kind", type=click.Choice(["systemd", "cron"]))
 def boot(kind: str) -> None:
     """Print a systemd unit or a crontab line that starts Ivy at boot."""
-    python = shlex.quote(sys.executable)
-    run_py = shlex.quote(os.path.join(constants.PROJECT_DIR, "run.py"))
-    cli_py = shlex.quote(os.path.join(constants.PROJECT_DIR, "cli.py"))
+    foreground, background = _boot_commands()
     if kind == "cron":
-        click.echo(f"@reboot {python} {cli_py} start >/dev/null 2>&1")
+        # every minute: `start` does nothing while Ivy runs, and brings it back if not
+        click.echo(f"* * * * * {shlex.join(background)} >/dev/null 2>&1")
         return
     try:
         config: Config | None = Config.load()
@@ -461,10 +473,9 @@ def boot(kind: str) -> None:
                 "[Service]",
                 "Type=simple",
                 f"User={getpass.getuser()}",
-                f"WorkingDirectory={constants.PROJECT_DIR}",
+                f"WorkingDirectory={constants.ROOT_DIR}",
                 f"Environment=IVY_ROOT_DIR={constants.ROOT_DIR}",
-                f"Environment=IVY_DATA_DIR={constants.DATA_DIR}",
-                f"ExecStart={python} {run_py}",
+                f"ExecStart={shlex.join(foreground)}",
                 "# SIGTERM to the main loop only; it stops its children in order",
                 "KillMode=mixed",
                 f"TimeoutStopSec={int(_stop_timeout(config))}",
@@ -473,6 +484,145 @@ def boot(kind: str) -> None:
                 "",
                 "[Install]",
                 "WantedBy=multi-user.target",
+            ]
+        )
+    )
+
+
+@config.command("apply")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--wait",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the outcome (an update takes longer; 0: do not wait).",
+)
+def config_apply(path: str, wait: float) -> None:
+    """Apply a config file the way a remote config is applied: the same
+    checks, acknowledgements and (for another software version) update."""
+    from src.types import ForeignConfig
+    from src.utils.state_interface import StateInterface
+    from src.utils.updater import MAX_CONFIG_BYTES, config_revision_is_new, queue_pending_config
+
+    try:
+        with open(path, "rb") as f:
+            content = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        _fail(f"{path}: {e.strerror}")
+    if len(content) > MAX_CONFIG_BYTES:
+        _fail(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        foreign = ForeignConfig.load_from_string(content.decode("utf-8", errors="replace"))
+    except ConfigError as e:
+        _fail(f"{path}: {e}")
+    revision = foreign.general.config_revision
+    running = _load_config_or_fail()
+    state = StateInterface.load()
+    if not config_revision_is_new(revision, running.general.config_revision, state):
+        _fail(
+            f"general.config_revision: {revision} is not newer than the last handled "
+            f"({state.highest_handled_config_revision}) or the running "
+            f"({running.general.config_revision}) revision, or was rejected already"
+        )
+    queue_pending_config(foreign)
+    if not mainloop_toggle.is_running():
+        click.echo(f"queued config revision {revision}; Ivy applies it when it starts")
+        return
+    click.echo(f"queued config revision {revision} for the running main loop")
+    _wait_for_config_outcome(revision, wait)
+
+
+def _wait_for_config_outcome(revision: int, wait: float) -> None:
+    from src.utils.state_interface import StateInterface
+
+    deadline = time.time() + wait
+    shown_step = None
+    while time.time() < deadline:
+        state = StateInterface.load()
+        for outcome in state.config_outcomes:
+            if outcome.config_revision == revision:
+                if outcome.status == "rejected":
+                    _fail(f"rejected: {outcome.reason}")
+                click.echo(f"{outcome.status} (Ivy {outcome.software_version})")
+                return
+        update = state.update_in_progress
+        if update is not None and update.config_revision == revision:
+            if update.step != shown_step:
+                click.echo(f"updating to {update.version}: {update.step}")
+                shown_step = update.step
+        time.sleep(0.2)
+    click.echo("no outcome yet; follow it with `ivy status` and `ivy logs`")
+
+
+@cli.group()
+def update() -> None:
+    """Software updates: where the station stands."""
+
+
+@update.command("status")
+def update_status() -> None:
+    """Print the update journal and the update in progress, as JSON."""
+    from src.utils.state_interface import StateInterface
+    from src.utils.update_journal import journal_path, load_journal
+
+    state = StateInterface.load()
+    in_progress = state.update_in_progress
+    click.echo(
+        json.dumps(
+            {
+                "running_version": constants.VERSION.root,
+                "journal": load_journal().model_dump(),
+                "journal_path": journal_path(),
+                "in_progress": in_progress.model_dump() if in_progress else None,
+                "config_outcomes": [o.model_dump() for o in state.config_outcomes],
+            },
+            indent=2,
+        )
+    )
+
+
+@cli.command()
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Install here.")
+@click.option(
+    "--source", required=True, type=click.Choice(["git", "github", "gitlab"]), help="Where from."
+)
+@click.option("--repository", required=True, help="owner/name, or a git URL or local path.")
+@click.option("--version", "version", required=True, help="The version to install (tag v<V>).")
+@click.option("--host", help="GitLab host (optionally :port).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True))
+def setup(
+    root: str, source: str, repository: str, version: str, host: str | None, config_path: str | None
+) -> None:
+    """Install a first version into ROOT: <root>/<version>/ with its own
+    venv, the config, and the CLI pointer <root>/ivy-cli.sh. A token for a
+    private repository comes from the environment variable IVY_ACCESS_TOKEN
+    (never an argument, which `ps` would show)."""
+    from src.utils.station_setup import SetupError, set_up_station
+
+    try:
+        pointer = set_up_station(
+            root=root,
+            source=source,
+            repository=repository,
+            version=version,
+            host=host,
+            config_path=config_path,
+            access_token=os.environ.get("IVY_ACCESS_TOKEN") or None,
+            log_progress=click.echo,
+        )
+    except SetupError as e:
+        _fail(f"setup failed: {e}")
+    click.echo(
+        "\n".join(
+            [
+                f"installed Ivy {version} in {os.path.abspath(root)}",
+                "next:",
+                f"  start it now:        {shlex.quote(pointer)} start",
+                f"  at boot (systemd):   {shlex.quote(pointer)} boot systemd "
+                "| sudo tee /etc/systemd/system/ivy.service && "
+                "sudo systemctl enable --now ivy",
+                f"  or at boot (cron):   ({{ crontab -l; {shlex.quote(pointer)} boot cron; }}) "
+                "| crontab -",
             ]
         )
     )

@@ -111,7 +111,11 @@ GIT_SOURCE = {"source": "git", "repository": "/nonexistent/repo"}
     ("version", "updater_section", "reason"),
     [
         ("9.9.9", None, "updater: null; a config for another software version needs"),
-        ("9.9.9", {"source": "svn", "repository": "x"}, "updater is invalid (1 problem(s)):\n  source: Input should be"),
+        (
+            "9.9.9",
+            {"source": "svn", "repository": "x"},
+            "updater is invalid (1 problem(s)):\n  source: Input should be",
+        ),
         ("9.9.9", {"source": "git"}, "repository: Field required"),
         ("0.0.1", GIT_SOURCE, "general.software_version: 0.0.1 is older than the running"),
     ],

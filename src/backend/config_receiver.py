@@ -21,13 +21,16 @@ from src.types.config import format_validation_error, revision_of
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from src.utils.updater import config_revision_is_new, mark_config_revision_rejected
+from src.utils.updater import (
+    MAX_CONFIG_BYTES,
+    config_revision_is_new,
+    mark_config_revision_rejected,
+    queue_pending_config,
+)
 
 from .provider import ReceivedConfig
 
-MAX_CONFIG_BYTES = 256 * 1024
 MAX_CONFIG_NESTING = 32
-_MAX_PENDING_CONFIGS = 16
 _ANSWERED_KEPT = 256
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _JSON_BRACKET = re.compile(rb"[\[\]{}]")
@@ -96,11 +99,8 @@ class ConfigReceiver:
         revision = foreign.general.config_revision
         if not self._is_new(revision):
             return
-        with StateInterface.update() as state:
-            if any(p.general.config_revision == revision for p in state.pending_configs):
-                return
-            # the updater applies the newest anyway; a flood cannot grow the state file
-            state.pending_configs = [*state.pending_configs[-(_MAX_PENDING_CONFIGS - 1) :], foreign]
+        if not queue_pending_config(foreign):
+            return
         self.logger.info(f"received config revision {revision}; queued for the updater")
 
     def _is_new(self, revision: int) -> bool:

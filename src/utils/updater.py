@@ -148,6 +148,27 @@ def _directory_bytes(path: str) -> int:
     return total
 
 
+_MAX_PENDING_CONFIGS = 16
+# larger configs are rejected unparsed (the backend's and `ivy config apply`'s bound)
+MAX_CONFIG_BYTES = 256 * 1024
+
+
+def queue_pending_config(foreign_config: ForeignConfig) -> bool:
+    """Put a config in `state.pending_configs` for the main loop's updater,
+    unless a config with that revision waits already; return whether it was
+    queued. At most the newest 16 wait (a flood cannot grow the state file).
+    Called by the backends on arrival and by `ivy config apply`."""
+    revision = foreign_config.general.config_revision
+    with StateInterface.update() as state:
+        if any(p.general.config_revision == revision for p in state.pending_configs):
+            return False
+        state.pending_configs = [
+            *state.pending_configs[-(_MAX_PENDING_CONFIGS - 1) :],
+            foreign_config,
+        ]
+    return True
+
+
 class Updater:
     """Decides about pending configs and runs the steps of a software update.
     Used by the main loop (decisions, switch) and its update worker (steps)."""
@@ -211,6 +232,7 @@ class Updater:
         project = version_directory(version.root)
         scratch = os.path.join(constants.ROOT_DIR, f".staging-tests-{version.root}")
         shutil.rmtree(scratch, ignore_errors=True)
+        os.makedirs(scratch)
         environment = {
             key: value
             for key, value in os.environ.items()
