@@ -21,7 +21,13 @@ from src.utils.messaging_agent import MessagingAgent
 from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
 from src.utils.update_worker import UpdateJob
-from src.utils.updater import Reconfigure, StartUpdate, Updater, resolve_interrupted_switch
+from src.utils.updater import (
+    Reconfigure,
+    StartUpdate,
+    Updater,
+    forget_interrupted_update,
+    resolve_interrupted_switch,
+)
 
 _MAX_WAIT_SECONDS = 0.5
 _ARCHIVE_FLUSH_INTERVAL = 2.0
@@ -102,6 +108,7 @@ class Mainloop:
         )
         for name in remove_stale_staging():
             self.logger.info(f"removed {name}, left by an update that was interrupted")
+        forget_interrupted_update(self.logger)
         resolve_interrupted_switch(self.logger, self.messaging_agent)
         self._acknowledge_startup()
         self.start_children()

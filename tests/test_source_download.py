@@ -104,9 +104,13 @@ def tarball(members: dict[str, bytes], links: dict[str, str] | None = None) -> b
     return buffer.getvalue()
 
 
-class _Archives(http.server.BaseHTTPRequestHandler):
+class Archives(http.server.BaseHTTPRequestHandler):
+    """A GitLab stand-in: archives by tag, only with the right token header;
+    while `stall` is set, an answer stops after its first bytes."""
+
     archives: ClassVar[dict[str, bytes]] = {}
     seen_paths: ClassVar[list[str]] = []
+    stall: ClassVar[threading.Event | None] = None
 
     def do_GET(self) -> None:
         self.seen_paths.append(self.path)
@@ -118,6 +122,12 @@ class _Archives(http.server.BaseHTTPRequestHandler):
         body = self.archives.get(tag)
         self.send_response(200 if body is not None else 404)
         self.end_headers()
+        stall = self.stall
+        if stall is not None and body:
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            stall.wait(60)  # bounded: the test releases it, or it ends by itself
+            return
         self.wfile.write(body or b"")
 
     def log_message(self, *args: Any) -> None:
@@ -128,7 +138,7 @@ class _Archives(http.server.BaseHTTPRequestHandler):
 def https_server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     certificates = make_certificates(str(tmp_path / "certs"))
     monkeypatch.setenv("SSL_CERT_FILE", certificates["ca"])  # the client trusts the test CA
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Archives)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Archives)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificates["cert"], certificates["key"])
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -153,7 +163,7 @@ def gitlab(port: int, token: str | None = TOKEN) -> UpdaterConfig:
 
 
 def test_gitlab_tarball_over_https_with_the_token_in_a_header(https_server: int, root: str) -> None:
-    _Archives.archives = {
+    Archives.archives = {
         "v2.0.0": tarball(
             {
                 "ivy-v2.0.0-abc/pyproject.toml": b'[project]\nversion = "2.0.0"\n',
@@ -164,7 +174,7 @@ def test_gitlab_tarball_over_https_with_the_token_in_a_header(https_server: int,
     progress: list[str] = []
     target = download_source_code(gitlab(https_server), "2.0.0", progress.append)
     assert open(os.path.join(target, "src", "x.py")).read() == "x = 1\n"
-    assert all(TOKEN not in path for path in _Archives.seen_paths)  # never in the URL
+    assert all(TOKEN not in path for path in Archives.seen_paths)  # never in the URL
     assert all(TOKEN not in line for line in progress)
 
     with pytest.raises(DownloadError, match="401") as refused:
@@ -186,7 +196,7 @@ def test_gitlab_tarball_over_https_with_the_token_in_a_header(https_server: int,
 def test_unsafe_tarballs_are_refused_and_nothing_escapes(
     https_server: int, root: str, tmp_path: Any, members: dict[str, bytes], links: Any
 ) -> None:
-    _Archives.archives = {"v3.0.0": tarball(members, links)}
+    Archives.archives = {"v3.0.0": tarball(members, links)}
     with pytest.raises(DownloadError, match=r"unsafe archive member|one top-level"):
         download_source_code(gitlab(https_server), "3.0.0", print)
     assert not os.path.exists(os.path.join(root, "3.0.0"))

@@ -520,6 +520,22 @@ def mask_secrets_of(foreign_config: ForeignConfig, text: str) -> str:
     return mask(text, secret_values_of(foreign_config))
 
 
+def forget_interrupted_update(logger: Logger) -> None:
+    """At the start of a main loop: an update noted in the state was cut off
+    (its worker died with the previous main loop). Nothing of it was switched
+    to, and its revision was not marked handled, so the same config is tried
+    again when it next arrives. Called by the main loop."""
+    with StateInterface.update() as state:
+        interrupted = state.update_in_progress
+        state.update_in_progress = None
+    if interrupted is not None:
+        logger.warning(
+            f"the update to version {interrupted.version} (config revision "
+            f"{interrupted.config_revision}) was interrupted at step {interrupted.step}; "
+            "it is tried again when the config next arrives"
+        )
+
+
 def resolve_interrupted_switch(logger: Logger, messaging_agent: MessagingAgent) -> None:
     """At the start of a main loop: finish what a switch left in the journal.
     If this version is the candidate, the switch worked: acknowledge the

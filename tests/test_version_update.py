@@ -1,0 +1,515 @@
+"""Software updates end to end, on a production root made by `ivy setup` in a
+temporary directory, from real git repositories (and a GitLab stand-in over
+HTTPS) holding releases of this very checkout with bumped versions. Offline
+but for the package registry (uv's cache is shared by the tests)."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import pytest
+
+from benchmarks.mosquitto import Broker
+from src import constants
+from tests.conftest import PROJECT_DIR, template_config_dict, wait_until
+from tests.mqtt_helpers import Subscriber, broker_fixture, publish
+from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
+
+pytestmark = [pytest.mark.integration, pytest.mark.updater]
+
+_MAJOR, _MINOR, _ = (int(p) for p in constants.VERSION.root.split("-")[0].split("."))
+BASE = constants.VERSION.root
+GOOD = f"{_MAJOR}.{_MINOR + 1}.0"
+BROKEN_TESTS = f"{_MAJOR}.{_MINOR + 2}.0"
+TOOLS = os.path.join(PROJECT_DIR, ".pdm-venv")
+
+_FAILING_GATE = """import pytest
+
+pytestmark = pytest.mark.version_change
+
+
+def test_this_release_is_broken_on_purpose() -> None:
+    assert False, "release broken on purpose"
+"""
+
+
+def _git(*args: str, cwd: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def _set_version(directory: str, current: str, version: str) -> None:
+    for name, old, new in (
+        ("pyproject.toml", f'version = "{current}"', f'version = "{version}"'),
+        (
+            "config/config.template.json",
+            f'"software_version": "{current}"',
+            f'"software_version": "{version}"',
+        ),
+    ):
+        path = os.path.join(directory, name)
+        with open(path) as f:
+            content = f.read()
+        assert old in content, f"{name} does not hold {old}"
+        with open(path, "w") as f:
+            f.write(content.replace(old, new, 1))
+
+
+@dataclass
+class Releases:
+    """A git repository with tags v<BASE> (this checkout), v<GOOD> (the same,
+    bumped) and v<BROKEN_TESTS> (bumped, with a failing version_change test)."""
+
+    repository: str
+
+    def tarball(self, version: str, extra: dict[str, bytes] | None = None) -> bytes:
+        """The release as GitLab serves it (one top-level directory), plus
+        `extra` members."""
+        archived = subprocess.run(
+            ["git", "archive", "--format=tar", "--prefix=ivy-v0123abcd/", f"v{version}"],
+            cwd=self.repository,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        buffer = io.BytesIO()
+        with (
+            tarfile.open(fileobj=io.BytesIO(archived)) as source,
+            tarfile.open(fileobj=buffer, mode="w:gz") as tar,
+        ):
+            for member in source.getmembers():
+                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+            for name, content in (extra or {}).items():
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+        return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    if not (os.access(os.path.join(TOOLS, "bin", "uv"), os.X_OK)):
+        pytest.fail(f"{TOOLS} lacks uv: run `bash .ci/setup dev`")
+    repository = str(tmp_path_factory.mktemp("releases") / "ivy")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    for name in files:
+        if (
+            name
+            and name != "config/config.json"
+            and os.path.isfile(os.path.join(PROJECT_DIR, name))
+        ):
+            os.makedirs(os.path.dirname(os.path.join(repository, name)), exist_ok=True)
+            shutil.copy2(os.path.join(PROJECT_DIR, name), os.path.join(repository, name))
+    _git("init", "--quiet", cwd=repository)
+    _git("add", "-A", cwd=repository)
+    _git("commit", "--quiet", "-m", BASE, cwd=repository)
+    _git("tag", f"v{BASE}", cwd=repository)
+    _set_version(repository, BASE, GOOD)
+    _git("commit", "--quiet", "-am", GOOD, cwd=repository)
+    _git("tag", f"v{GOOD}", cwd=repository)
+    _set_version(repository, GOOD, BROKEN_TESTS)
+    with open(os.path.join(repository, "tests", "test_zz_broken_release.py"), "w") as f:
+        f.write(_FAILING_GATE)
+    _git("add", "-A", cwd=repository)
+    _git("commit", "--quiet", "-m", BROKEN_TESTS, cwd=repository)
+    _git("tag", f"v{BROKEN_TESTS}", cwd=repository)
+    return Releases(repository)
+
+
+@pytest.fixture(scope="module")
+def package_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("uv-cache"))
+
+
+@dataclass
+class ProductionStation:
+    """A root made by `ivy setup`, driven through its CLI pointer."""
+
+    root: str
+    env: dict[str, str]
+    releases: Releases
+
+    @property
+    def pointer(self) -> str:
+        return os.path.join(self.root, "ivy-cli.sh")
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.pointer, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def pointed_version(self) -> str:
+        with open(self.pointer) as f:
+            return f.read().split(self.root + "/", 1)[1].split("/", 1)[0]
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            try:
+                cmdline = " ".join(p.info["cmdline"] or [])
+                if self.root + "/" in cmdline and p.info["status"] != "zombie":
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    def running_versions(self) -> set[str]:
+        """The versions whose code the station's processes run."""
+        return {
+            " ".join(p.cmdline()).split(self.root + "/", 1)[1].split("/", 1)[0]
+            for p in self.processes()
+        }
+
+    def state(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.root, "data", "state.json")) as f:
+                result: dict[str, Any] = json.load(f)
+                return result
+        except (OSError, ValueError):
+            return {}
+
+    def config_file(self, name: str, version: str, revision: int, **changes: Any) -> str:
+        config = station_config(self.releases, version, revision)
+        config.update(changes)
+        path = os.path.join(os.path.dirname(self.root), name)
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return path
+
+
+def station_config(releases: Releases, version: str, revision: int) -> dict[str, Any]:
+    config = template_config_dict()
+    config["general"]["software_version"] = version
+    config["general"]["config_revision"] = revision
+    config["dummy_procedure"]["seconds_between_datapoints"] = 1
+    config["system_checks"] = None
+    config["updater"] = {"source": "git", "repository": releases.repository}
+    return config
+
+
+def set_up(
+    tmp_path: Any, releases: Releases, package_cache: str, **changes: Any
+) -> ProductionStation:
+    root = str(tmp_path / "station-root")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IVY_")}
+    env.update(
+        {
+            "IVY_TOOLS_DIR": TOOLS,
+            "UV_CACHE_DIR": package_cache,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    station = ProductionStation(root, env, releases)
+    config_path = station.config_file("first-config.json", BASE, 0, **changes)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(PROJECT_DIR, "cli.py"),
+            "setup",
+            "--root",
+            root,
+            "--source",
+            "git",
+            "--repository",
+            releases.repository,
+            "--version",
+            BASE,
+            "--config",
+            config_path,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ivy-cli.sh start" in result.stdout
+    return station
+
+
+@pytest.fixture
+def killer() -> Iterator[list[ProductionStation]]:
+    """Kills every process of the stations a test registers, whatever happened."""
+    stations: list[ProductionStation] = []
+    yield stations
+    for station in stations:
+        for p in station.processes():
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+
+
+def start(station: ProductionStation) -> None:
+    result = station.cli("start", timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def apply(
+    station: ProductionStation, path: str, wait: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return station.cli("config", "apply", path, "--wait", str(wait), timeout=wait + 60)
+
+
+def test_setup_then_a_same_version_config_applies_in_place(
+    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
+) -> None:
+    station = set_up(tmp_path, releases, package_cache)
+    killer.append(station)
+    assert station.pointed_version() == BASE
+    assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
+    start(station)
+    pid = station.state()["mainloop"]["pid"]
+    path = station.config_file("same-version.json", BASE, 1, dummy_procedure=None)
+    result = apply(station, path, wait=60)
+    assert result.returncode == 0 and "accepted" in result.stdout, result.stdout + result.stderr
+    assert wait_until(lambda: set(station.state().get("processes", {})) == set(), timeout=30)
+    assert station.state()["mainloop"]["pid"] == pid  # reconfigured in place
+    again = apply(station, path, wait=5)
+    assert again.returncode == 1 and "general.config_revision: 1 is not newer" in again.stderr
+    assert station.cli("stop").returncode == 0
+
+
+def _identifiers(items: list[dict[str, Any]]) -> list[str]:
+    return [
+        item["values"]["message_identifier"]
+        for item in items
+        if "message_identifier" in item["values"] and "random_walk" in item["values"]
+    ]
+
+
+def _archived_data_identifiers(root: str) -> list[str]:
+    identifiers = []
+    for path in sorted(glob.glob(os.path.join(root, "data", "messages", "*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                entry = json.loads(line)
+                if entry["body"]["variant"] == "data":
+                    identifiers.append(entry["identifier"])
+    return identifiers
+
+
+@pytest.fixture
+def broker(tmp_path: Any) -> Iterator[Broker]:
+    yield from broker_fixture(str(tmp_path / "broker"))
+
+
+def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once(
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    broker: Broker,
+) -> None:
+    backend = {
+        "provider": "thingsboard",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": broker.port,
+        "mqtt_client_id": "station-under-update",
+    }
+    station = set_up(tmp_path, releases, package_cache, backend=backend)
+    killer.append(station)
+    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
+    start(station)
+    old_pids = {p.pid for p in station.processes()}
+
+    def answers() -> list[dict[str, Any]]:
+        return [
+            item["values"]
+            for item in subscriber.items("v1/devices/me/telemetry")
+            if item["values"].get("config_revision") == 5
+            and item["values"]["config_status"] != "startup"
+        ]
+
+    assert wait_until(lambda: len(_identifiers(subscriber.items())) >= 3, timeout=60)
+    new_config = station_config(releases, GOOD, 5)
+    new_config["backend"] = backend
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(new_config)})
+
+    def updated() -> bool:
+        return any(a.get("sw_state") == "UPDATED" for a in answers())
+
+    assert wait_until(updated, timeout=300, interval=0.5), answers()
+    assert station.pointed_version() == GOOD
+    assert station.running_versions() == {GOOD}
+    mainloop = station.state()["mainloop"]["pid"]
+    assert mainloop in old_pids  # the same process, now running the new version
+    assert os.path.isfile(os.path.join(station.root, GOOD, ".venv", "bin", "python"))
+    assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
+    steps = [(a["config_status"], a.get("config_step"), a.get("sw_state")) for a in answers()]
+    assert steps == [
+        ("received", None, "DOWNLOADING"),
+        ("progress", "space", None),
+        ("progress", "download", "DOWNLOADED"),
+        ("progress", "install", None),
+        ("progress", "configure", None),
+        ("progress", "tests", "VERIFIED"),
+        ("progress", "switch", "UPDATING"),
+        ("accepted", None, "UPDATED"),
+    ], steps
+    timed = [a for a in answers() if a.get("config_step") not in (None, "switch")]
+    assert len(timed) == 5 and all(a["config_step_seconds"] >= 0 for a in timed)
+    startups = [
+        item["values"]
+        for item in subscriber.items("v1/devices/me/telemetry")
+        if item["values"].get("config_status") == "startup"
+    ]
+    assert [s["current_sw_version"] for s in startups] == [BASE, GOOD]
+
+    before_stop = len(_identifiers(subscriber.items()))
+    assert wait_until(lambda: len(_identifiers(subscriber.items())) >= before_stop + 3, timeout=60)
+    assert station.cli("stop").returncode == 0
+    assert station.processes() == []
+    archived = _archived_data_identifiers(station.root)
+    received = _identifiers(subscriber.items())
+    assert len(archived) == len(set(archived)) > 10
+    assert wait_until(lambda: set(_identifiers(subscriber.items())) == set(archived), 30)
+    received = _identifiers(subscriber.items())
+    assert sorted(received) == sorted(archived), "lost or duplicated across the switch"
+    subscriber.close()
+
+
+def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
+    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
+) -> None:
+    station = set_up(tmp_path, releases, package_cache)
+    killer.append(station)
+    start(station)
+    pids = {p.pid for p in station.processes()}
+    result = apply(station, station.config_file("broken.json", BROKEN_TESTS, 3))
+    assert result.returncode == 1, result.stdout
+    assert "rejected: the update to" in result.stderr
+    assert "failed at tests" in result.stderr and "release broken on purpose" in result.stderr
+    assert station.pointed_version() == BASE
+    assert station.running_versions() == {BASE}
+    assert pids <= {p.pid for p in station.processes()}  # nothing restarted
+    assert not os.path.exists(os.path.join(station.root, BROKEN_TESTS))
+    assert [n for n in os.listdir(station.root) if n.startswith(".staging")] == []
+    assert station.cli("stop").returncode == 0
+
+
+@pytest.mark.parametrize("step", ["download", "install", "tests"])
+def test_kill_9_of_the_main_loop_during_a_step_leaves_the_old_version_and_a_retry_succeeds(
+    step: str,
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    https_server: int,  # noqa: F811
+) -> None:
+    station = set_up(tmp_path, releases, package_cache)
+    killer.append(station)
+    start(station)
+    changes: dict[str, Any] = {}
+    stall = threading.Event()
+    if step == "download":  # a GitLab stand-in that stalls mid-download
+        Archives.archives = {f"v{GOOD}": releases.tarball(GOOD)}
+        Archives.stall = stall
+        changes["updater"] = {
+            "source": "gitlab",
+            "repository": "group/ivy",
+            "host": f"localhost:{https_server}",
+            "access_token": TOKEN,
+        }
+        station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
+    path = station.config_file("update.json", GOOD, 4, **changes)
+    if changes:
+        with open(path) as f:
+            config = json.load(f)
+        config.update(changes)
+        with open(path, "w") as f:
+            json.dump(config, f)
+    try:
+        assert apply(station, path, wait=0).returncode == 0
+
+        def in_step() -> bool:
+            update = station.state().get("update_in_progress") or {}
+            return update.get("step") == step
+
+        assert wait_until(in_step, timeout=120, interval=0.02)
+        mainloop = station.state()["mainloop"]["pid"]
+        os.kill(mainloop, signal.SIGKILL)
+        assert wait_until(lambda: station.processes() == [], timeout=30)
+    finally:
+        stall.set()
+        Archives.stall = None
+
+    start(station)  # as cron or systemd would
+    assert station.pointed_version() == BASE
+    assert station.running_versions() == {BASE}
+    assert [n for n in os.listdir(station.root) if n.startswith(".staging")] == []
+    assert station.state().get("update_in_progress") is None
+
+    result = apply(station, path)  # the same config again
+    assert result.returncode == 0 and "accepted" in result.stdout, result.stdout + result.stderr
+    assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
+    assert TOKEN not in _everything_logged(station.root)
+    assert station.cli("stop").returncode == 0
+
+
+def _everything_logged(root: str) -> str:
+    text = []
+    for pattern in ("data/logs/*", "data/messages/*"):
+        for path in glob.glob(os.path.join(root, pattern)):
+            with open(path, errors="replace") as f:
+                text.append(f.read())
+    return "\n".join(text)
+
+
+def test_a_tarball_with_a_path_escaping_member_is_refused_by_the_running_station(
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    https_server: int,  # noqa: F811
+) -> None:
+    station = set_up(tmp_path, releases, package_cache)
+    killer.append(station)
+    station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
+    start(station)
+    Archives.archives = {
+        f"v{GOOD}": releases.tarball(GOOD, extra={"ivy-v0123abcd/../../escaped": b"boom"})
+    }
+    gitlab = {
+        "source": "gitlab",
+        "repository": "group/ivy",
+        "host": f"localhost:{https_server}",
+        "access_token": TOKEN,
+    }
+    path = station.config_file("evil.json", GOOD, 2, updater=gitlab)
+    result = apply(station, path)
+    assert result.returncode == 1 and "unsafe archive member refused" in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "escaped"))
+    assert station.pointed_version() == BASE and station.running_versions() == {BASE}
+    assert TOKEN not in result.stderr and TOKEN not in _everything_logged(station.root)
+    assert station.cli("stop").returncode == 0
