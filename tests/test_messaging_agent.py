@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 
 import pytest
 
 from src import constants
+from src.backend.provider import pack_rows
+from src.backend.thingsboard_backend import ThingsBoardProvider
 from src.types import (
     Config,
     ConfigMessageBody,
@@ -16,8 +19,9 @@ from src.types import (
     LogMessageBody,
 )
 from src.utils.functions import utc_date_string
-from src.utils.messaging_agent import MessagingAgent
+from src.utils.messaging_agent import QUEUE_SCHEMA_VERSION, MessagingAgent
 from tests.conftest import template_config_dict
+from tests.server_rules import check_payload
 
 pytestmark = pytest.mark.quick
 
@@ -172,3 +176,51 @@ def test_synchronous_setting_is_applied() -> None:
     assert agent.connection.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     assert MessagingAgent().connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert agent.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_queue_from_before_schema_versions_is_migrated_in_place() -> None:
+    agent = MessagingAgent()
+    identifier = agent.add_message(data(1))
+    agent.connection.execute("PRAGMA user_version = 0")  # as every queue was before
+    agent.close()
+    reopened = MessagingAgent()
+    assert reopened.get_schema_version() == QUEUE_SCHEMA_VERSION
+    assert [reopened.identifier_of(r.id) for r in reopened.get_oldest_rows(10)] == [identifier]
+
+
+def test_a_queue_a_newer_version_extended_stays_usable_after_going_back() -> None:
+    """What a newer version may do (add a column with a default, a table, and
+    rows of a kind this version does not know): this version leaves its
+    schema version alone, writes and reads, and sends the unknown row out as
+    an error holding its raw body instead of being stuck on it."""
+    newer = MessagingAgent()
+    newer.connection.executescript(
+        f"""
+        ALTER TABLE queue ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE future_things (x INTEGER);
+        PRAGMA user_version = {QUEUE_SCHEMA_VERSION + 1};
+        INSERT INTO queue (timestamp, variant, config_revision, body, priority)
+            VALUES (1700000000.5, 'hologram', 3, '{{"variant": "hologram", "z": [1]}}', 9);
+        """
+    )
+    newer.close()
+    agent = MessagingAgent()
+    assert agent.get_schema_version() == QUEUE_SCHEMA_VERSION + 1
+    agent.add_message(data(2))
+    rows = agent.get_oldest_rows(10)
+    assert [r.variant for r in rows] == ["hologram", "data"]
+
+    config = template_config_dict()
+    config["backend"] = {"provider": "thingsboard", "mqtt_host": "localhost", "mqtt_client_id": "c"}
+    publishes = pack_rows(
+        ThingsBoardProvider(Config.model_validate(config)), rows, agent.identifier_of
+    )
+    items = [item for p in publishes for item in json.loads(p.payload())]
+    for publish in publishes:
+        check_payload(publish.topic, publish.payload())
+    unknown = items[0]["values"]
+    assert unknown["error"].startswith("unreadable queued message")
+    assert '{"variant": "hologram", "z": [1]}' in unknown["error"]
+    assert items[-1]["values"]["i"] == 2
+    agent.remove_messages(r.id for r in rows)
+    assert agent.get_queue_depth() == 0

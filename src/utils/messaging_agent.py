@@ -48,6 +48,17 @@ ACTIVE_QUEUE_FILE: str = constants.MESSAGE_QUEUE_PATH
 MESSAGE_ARCHIVE_DIR: str = constants.MESSAGE_ARCHIVE_DIR
 MESSAGE_ARCHIVE_DIR_LOCK: str = os.path.join(constants.DATA_DIR, "messages.lock")
 
+# The queue database's schema version (`PRAGMA user_version`). Version 1 is the
+# schema below; databases from before versioning (0) have the same tables.
+# A newer Ivy migrates forward in one transaction at open (`_MIGRATIONS`). Its
+# migrations may only add (tables, columns with a default, indexes), never
+# remove or rename, so that after going back to an older version that version
+# still writes and reads the queue: it names every column it uses, ignores
+# the rest, and leaves a newer user_version as it is. A row an older
+# provider cannot make sense of goes out as an error log holding its raw body
+# (the drain's poison-row path), so it never blocks the queue.
+QUEUE_SCHEMA_VERSION = 1
+
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS queue (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -70,6 +81,9 @@ _SCHEMA = [
 ]
 
 # the order in which the size cap drops messages: data first, config answers last
+# schema version -> the statements that migrate the version before it to it
+_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA}
+
 _DROP_ORDER = ("data", "log", "config")
 _SQLITE_MAX_PARAMETERS = 900
 _ARCHIVE_FLUSH_BATCH = 5_000
@@ -158,9 +172,7 @@ class MessagingAgent:
             self.connection.execute(f"PRAGMA synchronous={storage.sqlite_synchronous}")
             self.connection.execute("PRAGMA busy_timeout=60000")
             with self._transaction():
-                for statement in _SCHEMA:
-                    parameters = (secrets.randbits(62),) if "?" in statement else ()
-                    self.connection.execute(statement, parameters)
+                self._migrate()
         except sqlite3.DatabaseError as e:
             self.connection.close()
             raise QueueUnreadableError(
@@ -168,6 +180,21 @@ class MessagingAgent:
                 "for inspection: move it aside to start a new queue"
             ) from None
         self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
+
+    def _migrate(self) -> None:
+        """Bring the schema up to `QUEUE_SCHEMA_VERSION`, inside the caller's
+        transaction (all steps or none); a newer database is left alone."""
+        found = int(self.connection.execute("PRAGMA user_version").fetchone()[0])
+        for version in range(found + 1, QUEUE_SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                parameters = (secrets.randbits(62),) if "?" in statement else ()
+                self.connection.execute(statement, parameters)
+        if found < QUEUE_SCHEMA_VERSION:
+            self.connection.execute(f"PRAGMA user_version = {QUEUE_SCHEMA_VERSION}")
+
+    def get_schema_version(self) -> int:
+        """The queue database's schema version (newer when a newer Ivy wrote it)."""
+        return int(self.connection.execute("PRAGMA user_version").fetchone()[0])
 
     def teardown(self) -> None:
         """Close the connection to the queue (the reference API's name)."""
