@@ -125,11 +125,11 @@ def test_the_worker_outcome_when_it_finishes_or_dies(tmp_path: Any) -> None:
     job = UpdateJob.start(config, ForeignConfig.model_validate(raw))
     outcomes: list[tuple[bool, str | None]] = []
 
-    def finished() -> bool:
+    def ended() -> bool:
         outcomes.append(job.outcome())
         return outcomes[-1][0]
 
-    assert wait_until(finished, timeout=120)
+    assert wait_until(ended, timeout=120)
     assert outcomes[-1][1] is not None and outcomes[-1][1].startswith("download: git clone failed")
     assert StateInterface.load().update_in_progress is None
 
