@@ -2,7 +2,10 @@
 (`pytest -m version_change`, run by the updater in the new version's own venv,
 with its own data dir): its config loads, its procedures are discovered, its
 queue opens and takes messages, its backends build payloads the servers
-accept, and a short station run measures and stops cleanly."""
+accept, and a short station run measures and stops cleanly. They must never
+touch the running station: the updater gives them data and root directories
+of their own, and they read no config of the station's (so they never connect
+to its broker or use its client id)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from src.backend.provider import pack_rows
 from src.backend.tenta_backend import TentaProvider
 from src.backend.thingsboard_backend import ThingsBoardProvider
 from src.types import Config, DataMessageBody, LogMessageBody
-from src.utils.messaging_agent import MessagingAgent
+from src.utils.messaging_agent import QUEUE_SCHEMA_VERSION, MessagingAgent
 from tests.conftest import Station, template_config_dict, wait_until
 from tests.server_rules import check_payload
 
@@ -29,8 +32,15 @@ def test_the_template_config_loads_and_every_procedure_module_is_sound() -> None
     assert set(config.enabled_procedure_names()) <= set(procedures.PROCEDURES)
 
 
-def test_the_queue_opens_takes_messages_and_gives_them_back() -> None:
+def test_the_queue_opens_migrates_takes_messages_and_gives_them_back() -> None:
+    older = MessagingAgent()
+    kept = older.add_message(DataMessageBody(data={"written_by": "an older version"}))
+    older.connection.execute("PRAGMA user_version = 0")  # the oldest schema there is
+    older.close()
     agent = MessagingAgent()
+    assert agent.get_schema_version() == QUEUE_SCHEMA_VERSION
+    assert [agent.identifier_of(r.id) for r in agent.get_oldest_rows(1)] == [kept]
+    agent.remove_messages(r.id for r in agent.get_oldest_rows(1))
     identifiers = agent.add_messages([DataMessageBody(data={"i": i}) for i in range(10)])
     rows = agent.get_oldest_rows(100)
     assert [agent.identifier_of(r.id) for r in rows] == identifiers

@@ -6,138 +6,38 @@ but for the package registry (uv's cache is shared by the tests)."""
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tarfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import pytest
 
 from benchmarks.mosquitto import Broker
-from src import constants
-from tests.conftest import PROJECT_DIR, template_config_dict, wait_until
+from benchmarks.production import (
+    BASE,
+    BROKEN_TESTS,
+    GOOD,
+    ProductionStation,
+    Releases,
+    make_releases,
+    set_up_station,
+    station_config,
+)
+from tests.conftest import wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, publish
 from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
-_MAJOR, _MINOR, _ = (int(p) for p in constants.VERSION.root.split("-")[0].split("."))
-BASE = constants.VERSION.root
-GOOD = f"{_MAJOR}.{_MINOR + 1}.0"
-BROKEN_TESTS = f"{_MAJOR}.{_MINOR + 2}.0"
-TOOLS = os.path.join(PROJECT_DIR, ".pdm-venv")
-
-_FAILING_GATE = """import pytest
-
-pytestmark = pytest.mark.version_change
-
-
-def test_this_release_is_broken_on_purpose() -> None:
-    assert False, "release broken on purpose"
-"""
-
-
-def _git(*args: str, cwd: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def _set_version(directory: str, current: str, version: str) -> None:
-    for name, old, new in (
-        ("pyproject.toml", f'version = "{current}"', f'version = "{version}"'),
-        (
-            "config/config.template.json",
-            f'"software_version": "{current}"',
-            f'"software_version": "{version}"',
-        ),
-    ):
-        path = os.path.join(directory, name)
-        with open(path) as f:
-            content = f.read()
-        assert old in content, f"{name} does not hold {old}"
-        with open(path, "w") as f:
-            f.write(content.replace(old, new, 1))
-
-
-@dataclass
-class Releases:
-    """A git repository with tags v<BASE> (this checkout), v<GOOD> (the same,
-    bumped) and v<BROKEN_TESTS> (bumped, with a failing version_change test)."""
-
-    repository: str
-
-    def tarball(self, version: str, extra: dict[str, bytes] | None = None) -> bytes:
-        """The release as GitLab serves it (one top-level directory), plus
-        `extra` members."""
-        archived = subprocess.run(
-            ["git", "archive", "--format=tar", "--prefix=ivy-v0123abcd/", f"v{version}"],
-            cwd=self.repository,
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        buffer = io.BytesIO()
-        with (
-            tarfile.open(fileobj=io.BytesIO(archived)) as source,
-            tarfile.open(fileobj=buffer, mode="w:gz") as tar,
-        ):
-            for member in source.getmembers():
-                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
-            for name, content in (extra or {}).items():
-                info = tarfile.TarInfo(name)
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-        return buffer.getvalue()
-
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    if not (os.access(os.path.join(TOOLS, "bin", "uv"), os.X_OK)):
-        pytest.fail(f"{TOOLS} lacks uv: run `bash .ci/setup dev`")
-    repository = str(tmp_path_factory.mktemp("releases") / "ivy")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    for name in files:
-        if (
-            name
-            and name != "config/config.json"
-            and os.path.isfile(os.path.join(PROJECT_DIR, name))
-        ):
-            os.makedirs(os.path.dirname(os.path.join(repository, name)), exist_ok=True)
-            shutil.copy2(os.path.join(PROJECT_DIR, name), os.path.join(repository, name))
-    _git("init", "--quiet", cwd=repository)
-    _git("add", "-A", cwd=repository)
-    _git("commit", "--quiet", "-m", BASE, cwd=repository)
-    _git("tag", f"v{BASE}", cwd=repository)
-    _set_version(repository, BASE, GOOD)
-    _git("commit", "--quiet", "-am", GOOD, cwd=repository)
-    _git("tag", f"v{GOOD}", cwd=repository)
-    _set_version(repository, GOOD, BROKEN_TESTS)
-    with open(os.path.join(repository, "tests", "test_zz_broken_release.py"), "w") as f:
-        f.write(_FAILING_GATE)
-    _git("add", "-A", cwd=repository)
-    _git("commit", "--quiet", "-m", BROKEN_TESTS, cwd=repository)
-    _git("tag", f"v{BROKEN_TESTS}", cwd=repository)
-    return Releases(repository)
+    return make_releases(str(tmp_path_factory.mktemp("releases") / "ivy"))
 
 
 @pytest.fixture(scope="module")
@@ -145,116 +45,10 @@ def package_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("uv-cache"))
 
 
-@dataclass
-class ProductionStation:
-    """A root made by `ivy setup`, driven through its CLI pointer."""
-
-    root: str
-    env: dict[str, str]
-    releases: Releases
-
-    @property
-    def pointer(self) -> str:
-        return os.path.join(self.root, "ivy-cli.sh")
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self.pointer, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def pointed_version(self) -> str:
-        with open(self.pointer) as f:
-            return f.read().split(self.root + "/", 1)[1].split("/", 1)[0]
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter(["cmdline", "status"]):
-            try:
-                cmdline = " ".join(p.info["cmdline"] or [])
-                if self.root + "/" in cmdline and p.info["status"] != "zombie":
-                    found.append(p)
-            except psutil.Error:
-                pass
-        return found
-
-    def running_versions(self) -> set[str]:
-        """The versions whose code the station's processes run."""
-        return {
-            " ".join(p.cmdline()).split(self.root + "/", 1)[1].split("/", 1)[0]
-            for p in self.processes()
-        }
-
-    def state(self) -> dict[str, Any]:
-        try:
-            with open(os.path.join(self.root, "data", "state.json")) as f:
-                result: dict[str, Any] = json.load(f)
-                return result
-        except (OSError, ValueError):
-            return {}
-
-    def config_file(self, name: str, version: str, revision: int, **changes: Any) -> str:
-        config = station_config(self.releases, version, revision)
-        config.update(changes)
-        path = os.path.join(os.path.dirname(self.root), name)
-        with open(path, "w") as f:
-            json.dump(config, f)
-        return path
-
-
-def station_config(releases: Releases, version: str, revision: int) -> dict[str, Any]:
-    config = template_config_dict()
-    config["general"]["software_version"] = version
-    config["general"]["config_revision"] = revision
-    config["dummy_procedure"]["seconds_between_datapoints"] = 1
-    config["system_checks"] = None
-    config["updater"] = {"source": "git", "repository": releases.repository}
-    return config
-
-
 def set_up(
     tmp_path: Any, releases: Releases, package_cache: str, **changes: Any
 ) -> ProductionStation:
-    root = str(tmp_path / "station-root")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IVY_")}
-    env.update(
-        {
-            "IVY_TOOLS_DIR": TOOLS,
-            "UV_CACHE_DIR": package_cache,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    station = ProductionStation(root, env, releases)
-    config_path = station.config_file("first-config.json", BASE, 0, **changes)
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(PROJECT_DIR, "cli.py"),
-            "setup",
-            "--root",
-            root,
-            "--source",
-            "git",
-            "--repository",
-            releases.repository,
-            "--version",
-            BASE,
-            "--config",
-            config_path,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ivy-cli.sh start" in result.stdout
-    return station
+    return set_up_station(str(tmp_path / "station-root"), releases, package_cache, **changes)
 
 
 @pytest.fixture
@@ -288,6 +82,10 @@ def test_setup_then_a_same_version_config_applies_in_place(
     killer.append(station)
     assert station.pointed_version() == BASE
     assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
+    for next_step in ("ivy-cli.sh start", "ivy-cli.sh boot systemd", "ivy-cli.sh boot cron"):
+        assert next_step in station.setup_output
+    boot = station.cli("boot", "systemd").stdout
+    assert f"ExecStart={station.pointer} run" in boot
     start(station)
     pid = station.state()["mainloop"]["pid"]
     path = station.config_file("same-version.json", BASE, 1, dummy_procedure=None)
