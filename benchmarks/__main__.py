@@ -14,13 +14,14 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import drain, enqueue, export
+    from . import drain, enqueue, export, update
 
     return {
         "enqueue": enqueue.run,
         "drain": drain.run_drain,
         "backlog": drain.run_backlog,
         "export": export.run,
+        "update": update.run,
     }
 
 
