@@ -6,7 +6,9 @@ while the station was offline is picked up.
 
 Each item's values carry `message_identifier`; logs use the keys `log_level`,
 `log_subject`, `log_body`; config answers `config_status`, `config_revision`,
-`config_software_version`, `config_reason`.
+`config_software_version`, `config_reason` (an update adds `config_step`,
+`config_step_seconds`, `sw_state`, `sw_error`, `target_sw_title`,
+`target_sw_version`).
 """
 
 from __future__ import annotations
