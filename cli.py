@@ -207,6 +207,13 @@ def _print_status(s: dict[str, Any]) -> None:
         )
     else:
         click.echo(f"config:  {_paint('INVALID', 'red')} (see `ivy config check`)")
+    u = s.get("update")
+    if u is not None:
+        click.echo(
+            f"update:  to {u['version']} (config revision {u['config_revision']}): "
+            f"{u['step']} for {_age(now - u['step_started_at'])}, "
+            f"{_age(now - u['started_at'])} in all"
+        )
     b = s["backend_connection"]
     if b is not None:
         acknowledged = (

@@ -212,3 +212,13 @@ def test_old_venvs_are_removed_but_the_current_and_kept_ones(
     assert removed == ["removed the virtual environment of 1.0.0"]
     assert sorted(p.name for p in tmp_path.glob("*/.venv")) == [".venv", ".venv"]
     assert (tmp_path / "1.0.0").is_dir()  # the source stays; only its venv went
+
+
+def test_credentials_in_a_repository_url_are_refused_and_never_echoed() -> None:
+    updater, agent = make_updater()
+    source = {"source": "git", "repository": "https://station:tok3n-secret-9@git.example.org/x"}
+    assert updater.handle(version_change(4, "9.9.9", source)) is None
+    acks = json.dumps(acknowledgements(agent))
+    assert "credentials in the URL are refused" in acks
+    assert "tok3n-secret-9" not in acks
+    assert "tok3n-secret-9" not in json.dumps(StateInterface.load().model_dump())

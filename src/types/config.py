@@ -170,6 +170,14 @@ class UpdaterConfig(_Section):
     )
     allow_downgrades: bool = Field(False, description="Accept configs with a lower version.")
 
+    @pydantic.field_validator("repository")
+    @classmethod
+    def _no_credentials_in_the_url(cls, repository: str) -> str:
+        # a URL's user:token part would reach git's command line and its errors
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@", repository):
+            raise ValueError("credentials in the URL are refused: put the token in access_token")
+        return repository
+
 
 class TLSConfig(_Section):
     ca_file: str | None = Field(
@@ -434,9 +442,20 @@ def _collect_secret_field_names(model: type[pydantic.BaseModel]) -> frozenset[st
 SECRET_FIELD_NAMES: set[str] = set(_collect_secret_field_names(Config))
 
 
+# `user:password@` in a URL (of a repository, say): a secret wherever it is
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def without_url_credentials(text: str) -> str:
+    """`text` with the credentials part of every URL in it replaced."""
+    return _URL_CREDENTIALS.sub(f"{REDACTED}@", text)
+
+
 def _map_secrets(value: Any, replace: Callable[[Any], Any]) -> Any:
     """A copy of JSON data with every non-null secret field's value replaced
     by `replace(value)`: the one walk over a config's secrets."""
+    if isinstance(value, str):
+        return without_url_credentials(value)
     if isinstance(value, dict):
         return {
             k: (
@@ -480,7 +499,7 @@ def format_validation_error(error: pydantic.ValidationError, source: str) -> str
             if any(part in SECRET_FIELD_NAMES for part in e["loc"]):
                 shown = REDACTED
             else:
-                shown = json.dumps(e["input"], default=str)
+                shown = without_url_credentials(json.dumps(e["input"], default=str))
                 if len(shown) > 80:
                     shown = shown[:77] + "..."
             line += f" (got {shown})"

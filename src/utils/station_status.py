@@ -67,6 +67,11 @@ def collect_status() -> dict[str, Any]:
         ),
         "queue": queue,
         "disk": {"free_gb": disk.free / 1e9, "used_percent": disk.percent},
+        "update": (
+            state.update_in_progress.model_dump()
+            if (running and state.update_in_progress is not None)
+            else None
+        ),
         "processes": {
             name: p.model_dump() | ({} if running else {"alive": False, "pid": None})
             for name, p in state.processes.items()
