@@ -482,6 +482,7 @@ def boot(kind: str) -> None:
                 f"User={getpass.getuser()}",
                 f"WorkingDirectory={constants.ROOT_DIR}",
                 f"Environment=IVY_ROOT_DIR={constants.ROOT_DIR}",
+                f"Environment=IVY_DATA_DIR={constants.DATA_DIR}",
                 f"ExecStart={shlex.join(foreground)}",
                 "# SIGTERM to the main loop only; it stops its children in order",
                 "KillMode=mixed",

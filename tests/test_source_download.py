@@ -8,7 +8,6 @@ import http.server
 import io
 import os
 import ssl
-import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from benchmarks.production import git
 from src import constants
 from src.types import UpdaterConfig
 from src.utils.source_download import (
@@ -35,15 +35,6 @@ def root(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     directory = str(tmp_path / "ivy-root")
     monkeypatch.setattr(constants, "ROOT_DIR", directory)
     return directory
-
-
-def git(*args: str, cwd: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-    )
 
 
 def make_repository(directory: str, versions: dict[str, str]) -> str:

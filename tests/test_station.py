@@ -236,11 +236,10 @@ def test_operator_commands_and_exit_codes(station: Station) -> None:
     shown = station.cli("config", "show")
     assert shown.returncode == 0 and "top-secret-pw" not in shown.stdout and "*****" in shown.stdout
     cron = station.cli("boot", "cron")
-    assert cron.stdout.startswith("@reboot ") and "cli.py start" in cron.stdout
+    assert cron.stdout.startswith("* * * * * ") and "cli.py start" in cron.stdout
     unit = station.cli("boot", "systemd").stdout
-    assert (
-        "KillMode=mixed" in unit and "run.py" in unit and f"IVY_DATA_DIR={station.data_dir}" in unit
-    )
+    assert "KillMode=mixed" in unit and f"IVY_DATA_DIR={station.data_dir}" in unit
+    assert f"ExecStart={sys.executable} {station.project_dir}/cli.py run" in unit
     assert station.cli("is-running").returncode == 1
     status = station.cli("status")
     assert status.returncode == 1 and ": not running" in status.stdout

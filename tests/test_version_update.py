@@ -64,6 +64,16 @@ def killer() -> Iterator[list[ProductionStation]]:
                 pass
 
 
+@pytest.fixture
+def station(
+    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
+) -> ProductionStation:
+    """Version BASE set up in a production root (not started)."""
+    made = set_up(tmp_path, releases, package_cache)
+    killer.append(made)
+    return made
+
+
 def start(station: ProductionStation) -> None:
     result = station.cli("start", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -75,11 +85,7 @@ def apply(
     return station.cli("config", "apply", path, "--wait", str(wait), timeout=wait + 60)
 
 
-def test_setup_then_a_same_version_config_applies_in_place(
-    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
-) -> None:
-    station = set_up(tmp_path, releases, package_cache)
-    killer.append(station)
+def test_setup_then_a_same_version_config_applies_in_place(station: ProductionStation) -> None:
     assert station.pointed_version() == BASE
     assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
     for next_step in ("ivy-cli.sh start", "ivy-cli.sh boot systemd", "ivy-cli.sh boot cron"):
@@ -198,10 +204,8 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
 
 
 def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
-    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
+    station: ProductionStation,
 ) -> None:
-    station = set_up(tmp_path, releases, package_cache)
-    killer.append(station)
     start(station)
     pids = {p.pid for p in station.processes()}
     result = apply(station, station.config_file("broken.json", BROKEN_TESTS, 3))
@@ -219,14 +223,10 @@ def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
 @pytest.mark.parametrize("step", ["download", "install", "tests"])
 def test_kill_9_of_the_main_loop_during_a_step_leaves_the_old_version_and_a_retry_succeeds(
     step: str,
-    tmp_path: Any,
+    station: ProductionStation,
     releases: Releases,
-    package_cache: str,
-    killer: list[ProductionStation],
     https_server: int,  # noqa: F811
 ) -> None:
-    station = set_up(tmp_path, releases, package_cache)
-    killer.append(station)
     start(station)
     changes: dict[str, Any] = {}
     stall = threading.Event()
@@ -241,12 +241,6 @@ def test_kill_9_of_the_main_loop_during_a_step_leaves_the_old_version_and_a_retr
         }
         station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
     path = station.config_file("update.json", GOOD, 4, **changes)
-    if changes:
-        with open(path) as f:
-            config = json.load(f)
-        config.update(changes)
-        with open(path, "w") as f:
-            json.dump(config, f)
     try:
         assert apply(station, path, wait=0).returncode == 0
 
@@ -285,14 +279,11 @@ def _everything_logged(root: str) -> str:
 
 
 def test_a_tarball_with_a_path_escaping_member_is_refused_by_the_running_station(
-    tmp_path: Any,
+    station: ProductionStation,
     releases: Releases,
-    package_cache: str,
-    killer: list[ProductionStation],
+    tmp_path: Any,
     https_server: int,  # noqa: F811
 ) -> None:
-    station = set_up(tmp_path, releases, package_cache)
-    killer.append(station)
     station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
     start(station)
     Archives.archives = {

@@ -21,11 +21,11 @@ from src.types.config import format_validation_error
 
 from .dependency_install import install_locked_dependencies
 from .source_download import DownloadError, download_source_code, version_directory
-from .step_runner import StepError, run_command
+from .step_runner import StepError
 from .updater import (
-    CONFIG_CHECK_TIMEOUT_SECONDS,
     INSTALL_TIMEOUT_SECONDS,
     Updater,
+    check_config_with_version,
     cli_pointer_path,
 )
 
@@ -106,18 +106,7 @@ def set_up_station(
         config_file = os.path.join(project, "config", "config.json")
         write_atomically(config_file, json.dumps(config, indent=4) + "\n")
         log_progress(f"checking {config_file} with version {version}'s own schema")
-        run_command(
-            [
-                os.path.join(project, ".venv", "bin", "python"),
-                os.path.join(project, "cli.py"),
-                "config",
-                "check",
-                config_file,
-            ],
-            timeout=CONFIG_CHECK_TIMEOUT_SECONDS,
-            cwd=project,
-            secrets=[access_token] if access_token else [],
-        )
+        check_config_with_version(project, config_file, [access_token] if access_token else [])
     except (DownloadError, StepError) as e:
         raise SetupError(str(e)) from None
     _write_root_env(root)

@@ -20,7 +20,7 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,6 +96,25 @@ def mark_config_revision_rejected(revision: int) -> None:
                 *state.rejected_config_revisions[-(_REJECTED_REVISIONS_KEPT - 1) :],
                 revision,
             ]
+
+
+def check_config_with_version(project: str, path: str, secrets: Iterable[str]) -> None:
+    """Have the CLI of the version in `project` (in its own venv) check the
+    config at `path` against that version's own schema; raise `StepError`
+    with the problems it names, secrets masked. Called by the update worker
+    and by `ivy setup`."""
+    run_command(
+        [
+            os.path.join(project, ".venv", "bin", "python"),
+            os.path.join(project, "cli.py"),
+            "config",
+            "check",
+            path,
+        ],
+        timeout=CONFIG_CHECK_TIMEOUT_SECONDS,
+        cwd=project,
+        secrets=secrets,
+    )
 
 
 def record_config_outcome(
@@ -280,18 +299,7 @@ class Updater:
         env_file = os.path.join(constants.CONFIG_DIR, ".env")
         if os.path.isfile(env_file) and os.path.dirname(path) != constants.CONFIG_DIR:
             shutil.copy2(env_file, os.path.join(project, "config", ".env"))
-        run_command(
-            [
-                os.path.join(project, ".venv", "bin", "python"),
-                os.path.join(project, "cli.py"),
-                "config",
-                "check",
-                path,
-            ],
-            timeout=CONFIG_CHECK_TIMEOUT_SECONDS,
-            cwd=project,
-            secrets=secret_values_of(foreign_config),
-        )
+        check_config_with_version(project, path, secret_values_of(foreign_config))
 
     @staticmethod
     def update_cli_pointer(to_version: tum_esm_utils.validators.Version) -> None:
