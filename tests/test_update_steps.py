@@ -167,3 +167,24 @@ def test_setup_refuses_bad_input_with_a_clear_message(tmp_path: Any) -> None:
     missing = setup("--repository", str(tmp_path / "nothing"), "--version", "1.2.3")
     assert missing.returncode == 1 and "setup failed: git clone failed" in missing.stderr
     assert "Traceback" not in missing.stderr + bad_version.stderr
+
+
+@pytest.mark.integration
+def test_a_lock_that_cannot_be_installed_fails_the_install_step_with_its_reason(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IVY_TOOLS_DIR", os.path.join(PROJECT_DIR, ".pdm-venv"))
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "cache"))
+    project = tmp_path / "broken"
+    project.mkdir()
+    (project / "pyproject.toml").write_bytes(
+        open(os.path.join(PROJECT_DIR, "pyproject.toml"), "rb").read()
+    )
+    lock = open(os.path.join(PROJECT_DIR, "pdm.lock")).read()
+    # a tampered wheel hash: uv must refuse what the lock does not vouch for
+    tampered = re.sub(r"sha256:[0-9a-f]{64}", "sha256:" + "0" * 64, lock)
+    (project / "pdm.lock").write_text(tampered)
+    with pytest.raises(StepError, match="uv exited with code"):
+        dependency_install.install_locked_dependencies(str(project), print, timeout=600)
+    with pytest.raises(StepError, match=r"has no pdm\.lock"):
+        dependency_install.install_locked_dependencies(str(tmp_path), print, timeout=60)

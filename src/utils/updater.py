@@ -234,13 +234,20 @@ class Updater:
     def install_dependencies(
         version: tum_esm_utils.validators.Version,
         log_progress: Callable[[str], None],
+        installation_command: str | None = None,
     ) -> None:
         """Create `<root>/<version>/.venv` with exactly the locked runtime and
         `gate` dependencies of that version's `pdm.lock` (see
-        `dependency_install`). Raise `StepError` with the tail of the output."""
-        install_locked_dependencies(
-            version_directory(version.root), log_progress, INSTALL_TIMEOUT_SECONDS
-        )
+        `dependency_install`). Raise `StepError` with the tail of the output.
+        `installation_command` (the reference API's) replaces that with a
+        command of the caller's, split into arguments and run in the version
+        directory without a shell; the updater never passes one."""
+        project = version_directory(version.root)
+        if installation_command is None:
+            install_locked_dependencies(project, log_progress, INSTALL_TIMEOUT_SECONDS)
+            return
+        log_progress(f"running {installation_command!r} in {project}")
+        run_command(shlex.split(installation_command), timeout=INSTALL_TIMEOUT_SECONDS, cwd=project)
 
     @staticmethod
     def run_pytests(version: tum_esm_utils.validators.Version, pytest_marker: str) -> None:
