@@ -201,6 +201,7 @@ def station_config(releases: Releases, version: str, revision: int) -> dict[str,
     config["dummy_procedure"]["seconds_between_datapoints"] = 1
     config["system_checks"] = None
     config["updater"] = {"source": "git", "repository": releases.repository}
+    config["trial"] = {"deadline_seconds": 60, "stable_seconds": 1, "max_starts": 3}
     return config
 
 

@@ -10,22 +10,27 @@ import multiprocessing.connection
 import os
 import signal
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 from src import backend, constants, procedures
 from src.types import Config, ConfigMessageBody, ForeignConfig
+from src.types.config import TrialConfig
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
+from src.utils.health import fatal_problem, health_problem
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
+from src.utils.update_journal import load_journal, save_journal
 from src.utils.update_worker import UpdateJob
 from src.utils.updater import (
     Reconfigure,
     StartUpdate,
     Updater,
     forget_interrupted_update,
+    previous_config_path,
     resolve_interrupted_switch,
 )
 
@@ -35,6 +40,24 @@ _HEARTBEAT_INTERVAL = 10.0
 _DROP_REPORT_INTERVAL = 60.0
 _RETENTION_INTERVAL = 3600.0
 _MAX_ERROR_BACKOFF = 300.0
+
+
+@dataclass
+class ConfigTrial:
+    """A config of this version applied and not yet proven healthy."""
+
+    foreign_config: ForeignConfig
+    started_at: float
+    settings: TrialConfig
+    needs_broker: bool
+
+    @staticmethod
+    def of(config: Config, started_at: float) -> ConfigTrial:
+        """The trial of `config` (whose children started after `started_at`),
+        by its own trial settings."""
+        return ConfigTrial(
+            config.to_foreign_config(), started_at, config.trial, config.backend is not None
+        )
 
 
 class Mainloop:
@@ -53,6 +76,8 @@ class Mainloop:
         self.published_status: str | None = None
         self.state_seen: tuple[int, int] | None = None
         self.update_job: UpdateJob | None = None
+        self.config_trial: ConfigTrial | None = None
+        self.started_at = time.time()
         # the version to hand over to once torn down (run.py starts it)
         self.handover_to: str | None = None
 
@@ -111,7 +136,9 @@ class Mainloop:
         forget_interrupted_update(self.logger)
         resolve_interrupted_switch(self.logger, self.messaging_agent)
         self._acknowledge_startup()
+        self.started_at = time.time()
         self.start_children()
+        self._resume_config_trial()
         with StateInterface.update() as state:
             state.mainloop.pid = os.getpid()
             state.mainloop.started_at = time.time()
@@ -162,6 +189,7 @@ class Mainloop:
         if self._due("dropped", _DROP_REPORT_INTERVAL, now):
             self._report_dropped_messages()
         self._publish_status(heartbeat=self._due("heartbeat", _HEARTBEAT_INTERVAL, now))
+        self._judge_config_trial()
 
     def _wait_for_next_event(self) -> None:
         timeout = _MAX_WAIT_SECONDS
@@ -187,8 +215,8 @@ class Mainloop:
         self.messaging_agent.add_message(ConfigMessageBody.about("startup", revealed))
 
     def _apply_pending_configs(self) -> None:
-        # configs that arrive during an update wait in the state until it ends
-        if self.update_job is not None or self.handover_to is not None:
+        # configs that arrive during an update or a trial wait in the state
+        if self.update_job is not None or self.handover_to is not None or self.config_trial:
             return
         # a backend that queues a config replaces the state file (new inode):
         # skip the locked read and parse while it has not changed. Our own
@@ -212,7 +240,11 @@ class Mainloop:
             if isinstance(decision, Reconfigure):
                 self.stop_children()
                 self.reconfigure(decision.config)
+                changed_at = time.time()
                 self.start_children()
+                self.config_trial = ConfigTrial.of(decision.config, changed_at)
+                self._requeue(pending[index + 1 :])
+                return
             elif isinstance(decision, StartUpdate):
                 self.update_job = UpdateJob.start(self.config, decision.foreign_config)
                 self._requeue(pending[index + 1 :])
@@ -223,6 +255,45 @@ class Mainloop:
             with StateInterface.update() as state:
                 state.pending_configs = [*configs, *state.pending_configs]
             self.state_seen = None
+
+    def _resume_config_trial(self) -> None:
+        """A config trial that a restart interrupted starts over (a power
+        loss is not the config's fault)."""
+        journal = load_journal()
+        if journal.config_trial is None:
+            return
+        if os.path.isfile(previous_config_path()):
+            self.logger.info("resuming the trial of the config this station was trying")
+            self.config_trial = ConfigTrial.of(self.config, self.started_at)
+        else:
+            journal.config_trial = None
+            save_journal(journal)
+
+    def _judge_config_trial(self) -> None:
+        """Keep a healthy config; put the previous one back when the new one
+        is fatally broken or not healthy by its deadline."""
+        trial = self.config_trial
+        if trial is None:
+            return
+        state = StateInterface.load()
+        now = time.time()
+        problem = health_problem(
+            state, trial.started_at, trial.settings.stable_seconds, trial.needs_broker, now
+        )
+        if problem is None:
+            self.updater.accept_tried_config(trial.foreign_config)
+            self.config_trial = None
+            return
+        fatal = fatal_problem(state)
+        deadline = trial.settings.deadline_seconds
+        if fatal is None and now - trial.started_at < deadline:
+            return
+        reason = fatal or f"not healthy {deadline} s after the change: {problem}"
+        previous = self.updater.reject_tried_config(trial.foreign_config, reason)
+        self.config_trial = None
+        self.stop_children()
+        self.reconfigure(previous)
+        self.start_children()
 
     def _poll_update(self) -> None:
         """Act on a finished update worker: reject the config with the failed

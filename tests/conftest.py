@@ -61,9 +61,12 @@ def data_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def template_config_dict() -> dict[str, Any]:
-    """The tracked template as a dict, to modify in tests."""
+    """The tracked template as a dict, to modify in tests; its trial asks for
+    one second without a restart (not 30), so that tests wait little for a
+    config to be accepted."""
     with open(os.path.join(PROJECT_DIR, "config", "config.template.json")) as f:
         result: dict[str, Any] = json.load(f)
+    result["trial"] = {"deadline_seconds": 60, "stable_seconds": 1, "max_starts": 3}
     return result
 
 

@@ -23,6 +23,7 @@ from src.utils.updater import (
     Updater,
     cli_pointer_path,
     config_revision_is_new,
+    previous_config_path,
 )
 from tests.conftest import template_config_dict
 
@@ -73,6 +74,10 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
     on_disk = Config.load()
     section = on_disk.procedure_section("dummy_procedure", DummyProcedureConfig)
     assert section is not None and section.seconds_between_datapoints == 3
+    assert [a["status"] for a in acknowledgements(agent)] == ["received"]  # on trial
+    assert os.path.isfile(previous_config_path())
+    updater.accept_tried_config(new.config.to_foreign_config())
+    assert not os.path.exists(previous_config_path())
     acks = acknowledgements(agent)
     assert [a["status"] for a in acks] == ["received", "accepted"]
     assert "pw-secret-1" not in json.dumps(acks)
@@ -95,7 +100,7 @@ def test_stale_and_duplicate_revisions_are_ignored() -> None:
     assert updater.handle(foreign(3)) is not None
     assert updater.handle(foreign(3)) is None  # a replay
     assert updater.handle(foreign(1)) is None  # older
-    assert [a["status"] for a in acknowledgements(agent)] == ["received", "accepted"]
+    assert [a["status"] for a in acknowledgements(agent)] == ["received"]
 
 
 def version_change(revision: int, version: str, updater: Any) -> ForeignConfig:
@@ -151,7 +156,7 @@ def test_a_fresh_station_accepts_its_current_revision_once() -> None:
     updater, agent = make_updater()
     assert updater.handle(foreign(0)) is not None
     assert updater.handle(foreign(0)) is None
-    assert [a["status"] for a in acknowledgements(agent)] == ["received", "accepted"]
+    assert [a["status"] for a in acknowledgements(agent)] == ["received"]
 
 
 def test_a_rejected_revision_blocks_only_itself() -> None:
@@ -164,12 +169,7 @@ def test_a_rejected_revision_blocks_only_itself() -> None:
     assert updater.handle(foreign(highest, dummy_procedure={"x": 1})) is None  # not again
     assert StateInterface.load().highest_handled_config_revision is None
     assert updater.handle(foreign(7)) is not None
-    assert [a["status"] for a in acknowledgements(agent)] == [
-        "received",
-        "rejected",
-        "received",
-        "accepted",
-    ]
+    assert [a["status"] for a in acknowledgements(agent)] == ["received", "rejected", "received"]
 
 
 def test_revision_rules() -> None:
@@ -222,3 +222,20 @@ def test_credentials_in_a_repository_url_are_refused_and_never_echoed() -> None:
     assert "credentials in the URL are refused" in acks
     assert "tok3n-secret-9" not in acks
     assert "tok3n-secret-9" not in json.dumps(StateInterface.load().model_dump())
+
+
+def test_a_config_that_fails_its_trial_is_rejected_and_the_previous_one_is_back() -> None:
+    updater, agent = make_updater()
+    before = config_file()
+    new = updater.handle(foreign(6, system_checks=None))
+    assert isinstance(new, Reconfigure) and config_file() != before
+    previous = updater.reject_tried_config(
+        new.config.to_foreign_config(), "not healthy 30 s after the change: backend down"
+    )
+    assert previous.general.config_revision == 0 and config_file() == before
+    acks = acknowledgements(agent)
+    assert [a["status"] for a in acks] == ["received", "rejected"]
+    assert acks[1]["reason"].startswith("the previous config is back: not healthy")
+    state = StateInterface.load()
+    assert state.highest_handled_config_revision == 6 and 6 in state.rejected_config_revisions
+    assert not os.path.exists(previous_config_path())

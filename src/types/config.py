@@ -179,6 +179,33 @@ class UpdaterConfig(_Section):
         return repository
 
 
+class TrialConfig(_Section):
+    """How a new config or software version is judged before it is kept
+    (the config under trial brings its own settings)."""
+
+    deadline_seconds: int = Field(
+        300,
+        ge=30,
+        le=3600,
+        description="Healthy by then, or the previous config or version comes back.",
+    )
+    stable_seconds: int = Field(
+        30,
+        ge=1,
+        le=1800,
+        description="How long every procedure and the backend must run without a restart.",
+    )
+    max_starts: int = Field(
+        3, ge=1, le=10, description="Starts of a new version's main loop before it is given up."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _stable_within_deadline(self) -> TrialConfig:
+        if self.stable_seconds >= self.deadline_seconds:
+            raise ValueError("stable_seconds must be shorter than deadline_seconds")
+        return self
+
+
 class TLSConfig(_Section):
     ca_file: str | None = Field(
         None, max_length=_PATH_MAX_LENGTH, description="CA bundle; null: the system's CAs."
@@ -282,6 +309,7 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     updater: UpdaterConfig | None = None
     backend: BackendConfig | None = None
+    trial: TrialConfig = Field(default_factory=TrialConfig)
 
     @pydantic.model_validator(mode="after")
     def _check_sections(self) -> Config:

@@ -28,6 +28,15 @@ class Candidate(pydantic.BaseModel):
     switched_at: float
 
 
+class ConfigTrialRecord(pydantic.BaseModel):
+    """A config of the running version on trial (`config/config.previous.json`
+    holds the one before it)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    config_revision: int
+    started_at: float
+
+
 class UpdateJournal(pydantic.BaseModel):
     """What `ivy update status` shows (issue: trial and rollback build on it)."""
 
@@ -35,6 +44,7 @@ class UpdateJournal(pydantic.BaseModel):
     current: str | None = None
     previous: str | None = None
     candidate: Candidate | None = None
+    config_trial: ConfigTrialRecord | None = None
     last_outcome: str | None = None
 
 

@@ -47,7 +47,7 @@ from .messaging_agent import MessagingAgent
 from .source_download import download_source_code, version_directory
 from .state_interface import StateInterface
 from .step_runner import StepError, mask, run_command
-from .update_journal import Candidate, load_journal, save_journal
+from .update_journal import Candidate, ConfigTrialRecord, load_journal, save_journal
 
 _REJECTED_REVISIONS_KEPT = 32
 _OUTCOMES_KEPT = 16
@@ -115,6 +115,22 @@ def check_config_with_version(project: str, path: str, secrets: Iterable[str]) -
         cwd=project,
         secrets=secrets,
     )
+
+
+def previous_config_path() -> str:
+    """Where the config that ran before a config on trial waits
+    (`config/config.previous.json`)."""
+    return os.path.join(os.path.dirname(constants.CONFIG_PATH), "config.previous.json")
+
+
+def _end_config_trial() -> None:
+    journal = load_journal()
+    journal.config_trial = None
+    save_journal(journal)
+    try:
+        os.remove(previous_config_path())
+    except FileNotFoundError:
+        pass
 
 
 def record_config_outcome(
@@ -421,13 +437,38 @@ class Updater:
             self.reject(foreign_config, str(e))
             return None
 
+        # the running config stays at hand until the new one has proven itself
+        self.config.dump(previous_config_path())
+        journal = load_journal()
+        journal.config_trial = ConfigTrialRecord(config_revision=revision, started_at=time.time())
+        save_journal(journal)
         new_config.dump()
         self.config = new_config
         mark_config_revision_handled(revision)
-        self.acknowledge(foreign_config, "accepted")
-        record_config_outcome(revision, version.root, "accepted")
-        self.logger.info(f"accepted config revision {revision}; restarting procedures and backend")
+        self.logger.info(
+            f"applying config revision {revision} on trial; restarting procedures and backend"
+        )
         return Reconfigure(new_config)
+
+    def accept_tried_config(self, foreign_config: ForeignConfig) -> None:
+        """The config proved healthy: acknowledge it and forget the previous
+        one. Called by the main loop."""
+        revision = foreign_config.general.config_revision
+        self.acknowledge(foreign_config, "accepted")
+        record_config_outcome(revision, foreign_config.general.software_version.root, "accepted")
+        _end_config_trial()
+        self.logger.info(f"accepted config revision {revision}: healthy")
+
+    def reject_tried_config(self, foreign_config: ForeignConfig, problem: str) -> Config:
+        """The config did not prove healthy: put the previous config back,
+        reject this one with the reason and return the previous one (the main
+        loop restarts its children with it). Called by the main loop."""
+        previous = Config.load(previous_config_path())
+        previous.dump()
+        _end_config_trial()
+        self.config = previous
+        self.reject(foreign_config, f"the previous config is back: {problem}")
+        return previous
 
     def _judge_version_change(self, foreign_config: ForeignConfig) -> Decision:
         version = foreign_config.general.software_version
