@@ -206,12 +206,17 @@ def test_pending_config_is_applied_by_the_running_station(station: Station) -> N
         }
 
     assert wait_until(applied, timeout=30, interval=0.2)
-    acks = [
-        m.body.model_dump()
-        for m in agent_of(station).get_n_latest_messages(100_000)
-        if m.body.variant == "config"
-    ]
-    assert [(a["status"], a["config_revision"]) for a in acks] == [
+
+    def acks() -> list[tuple[str, int]]:
+        return [
+            (m.body.status, m.body.config_revision)
+            for m in agent_of(station).get_n_latest_messages(100_000)
+            if m.body.variant == "config" and m.body.config_revision is not None
+        ]
+
+    # accepted once it has run healthy for the trial's stable_seconds
+    assert wait_until(lambda: len(acks()) == 3, timeout=30, interval=0.2)
+    assert acks() == [
         ("startup", 0),
         ("received", 7),
         ("accepted", 7),
