@@ -2,47 +2,85 @@
 """Entrypoint of the main loop: load the .env files (through src.constants),
 take the single-instance lock, validate the config and run the main loop.
 Exits 1 with a clear message when another instance runs or the config is bad.
-When the main loop stopped to hand over to a new software version, the lock
-is released and this process becomes that version's main loop, through the
-CLI pointer (same pid: systemd, `ivy start` and cron see one main loop)."""
+
+Before running, the update journal is consulted (`version_trial`): a trial
+that a restart interrupted is resumed, and a commit or rollback that a power
+loss cut short is finished. When the main loop stops to hand over to a new
+software version, this process becomes that version's guard, and when the
+trial ends, it becomes the main loop of the version the CLI pointer names
+(`exec`, same pid: systemd, `ivy start` and cron see one main loop)."""
 
 import contextlib
 import os
 import sys
 
 
-def main() -> int:
-    """Run the main loop in the foreground; used by `ivy start` and by systemd."""
-    from src import constants, procedures  # noqa: F401 - registers their config sections
-    from src.types import Config, ConfigError
+def _lock_or_fail(stack: contextlib.ExitStack) -> bool:
+    from src import constants
     from src.utils.functions import with_automation_lock
 
+    try:
+        stack.enter_context(with_automation_lock())
+    except TimeoutError:
+        print(
+            f"Ivy is already running for the data directory {constants.DATA_DIR}",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _exec_pointer() -> int:
+    from src.utils.updater import cli_pointer_path
+
+    pointer = cli_pointer_path()
+    print(f"continuing as the version {pointer} names", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(pointer, [pointer, "run"])  # noqa: S606 - our own pointer, no shell
+    return 1  # not reached
+
+
+def _guard_trial() -> int:
+    """Judge the version on trial, then become the version the pointer names
+    (unless the guard was told to stop)."""
+    from src.utils.version_trial import Guard
+
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(with_automation_lock())
-        except TimeoutError:
-            print(
-                f"Ivy is already running for the data directory {constants.DATA_DIR}",
-                file=sys.stderr,
-            )
+        if not _lock_or_fail(stack):
             return 1
-        try:
-            config = Config.load()
-        except ConfigError as e:
-            print(e, file=sys.stderr)
-            return 1
+        ended = Guard().run()
+    return _exec_pointer() if ended else 0
 
-        from src import main as mainloop
 
-        handover_to = mainloop.run(config)
-    if handover_to is not None:
-        from src.utils.updater import cli_pointer_path
+def main() -> int:
+    """Run the main loop in the foreground; used by `ivy start` and by systemd."""
+    from src import procedures  # noqa: F401 - registers their config sections
+    from src.types import Config, ConfigError
+    from src.utils import version_trial
 
-        pointer = cli_pointer_path()
-        print(f"handing over to version {handover_to} through {pointer}", file=sys.stderr)
-        sys.stderr.flush()
-        os.execv(pointer, [pointer, "run"])  # noqa: S606 - our own pointer, no shell
-    return 0
+    with contextlib.ExitStack() as stack:
+        # a candidate on trial runs under its guard, which holds the lock for it
+        if version_trial.is_guarded():
+            action = "run"
+        else:
+            if not _lock_or_fail(stack):
+                return 1
+            action = version_trial.resolve_at_start()
+        if action == "run":
+            try:
+                config = Config.load()
+            except ConfigError as e:
+                print(e, file=sys.stderr)
+                return 1
+
+            from src import main as mainloop
+
+            if mainloop.run(config) is None:
+                return 0
+            action = "guard"  # all steps passed: the new version goes on trial
+    if action == "guard":
+        return _guard_trial()
+    return _exec_pointer()
 
 
 if __name__ == "__main__":

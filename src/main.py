@@ -23,16 +23,18 @@ from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
+from src.utils.systemd_notify import notify, watchdog
 from src.utils.update_journal import load_journal, save_journal
 from src.utils.update_worker import UpdateJob
 from src.utils.updater import (
     Reconfigure,
     StartUpdate,
     Updater,
+    deliver_pending_answer,
     forget_interrupted_update,
     previous_config_path,
-    resolve_interrupted_switch,
 )
+from src.utils.version_trial import is_guarded
 
 _MAX_WAIT_SECONDS = 0.5
 _ARCHIVE_FLUSH_INTERVAL = 2.0
@@ -134,11 +136,13 @@ class Mainloop:
         for name in remove_stale_staging():
             self.logger.info(f"removed {name}, left by an update that was interrupted")
         forget_interrupted_update(self.logger)
-        resolve_interrupted_switch(self.logger, self.messaging_agent)
+        if not is_guarded():  # a candidate does not answer for itself
+            deliver_pending_answer(self.logger, self.messaging_agent)
         self._acknowledge_startup()
         self.started_at = time.time()
         self.start_children()
         self._resume_config_trial()
+        notify("READY=1")
         with StateInterface.update() as state:
             state.mainloop.pid = os.getpid()
             state.mainloop.started_at = time.time()
@@ -177,6 +181,7 @@ class Mainloop:
 
     def iterate(self) -> None:
         """One pass: restart dead children, apply pending configs, periodic work."""
+        watchdog()
         for manager in self.managers:
             manager.supervise()
         self._poll_update()

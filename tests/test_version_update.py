@@ -188,7 +188,8 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
         for item in subscriber.items("v1/devices/me/telemetry")
         if item["values"].get("config_status") == "startup"
     ]
-    assert [s["current_sw_version"] for s in startups] == [BASE, GOOD]
+    # the old version, the candidate on trial, then the committed version
+    assert [s["current_sw_version"] for s in startups] == [BASE, GOOD, GOOD]
 
     before_stop = len(_identifiers(subscriber.items()))
     assert wait_until(lambda: len(_identifiers(subscriber.items())) >= before_stop + 3, timeout=60)

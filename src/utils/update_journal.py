@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Literal
 
 import pydantic
 
@@ -19,13 +20,35 @@ from src.types.atomic_file import write_atomically
 
 
 class Candidate(pydantic.BaseModel):
-    """A version the station is switching to, and from which version."""
+    """A version on trial: started by the guard of `from_version`, judged,
+    then committed (the pointer moves to it) or rolled back (the pointer
+    stays). `phase` moves trial -> committed or rolling_back before the
+    pointer is touched, so a start after a power loss can finish the step."""
 
     model_config = pydantic.ConfigDict(extra="allow")
     version: str
     from_version: str
     config_revision: int
     switched_at: float
+    phase: Literal["trial", "committed", "rolling_back"] = "trial"
+    attempts: int = 0
+    deadline_seconds: float = 300
+    stable_seconds: float = 30
+    max_starts: int = 3
+    problem: str | None = None
+    rollback_requested: bool = False
+
+
+class PendingAnswer(pydantic.BaseModel):
+    """The answer about a version update that the version running after it
+    gives (accepted by the new one after a commit, rejected by the old one
+    after a rollback)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    config_revision: int
+    software_version: str
+    status: Literal["accepted", "rejected"]
+    reason: str | None = None
 
 
 class ConfigTrialRecord(pydantic.BaseModel):
@@ -38,13 +61,16 @@ class ConfigTrialRecord(pydantic.BaseModel):
 
 
 class UpdateJournal(pydantic.BaseModel):
-    """What `ivy update status` shows (issue: trial and rollback build on it)."""
+    """Where updates stand; what `ivy update status` shows."""
 
     model_config = pydantic.ConfigDict(extra="allow")
     current: str | None = None
     previous: str | None = None
     candidate: Candidate | None = None
     config_trial: ConfigTrialRecord | None = None
+    pending_answer: PendingAnswer | None = None
+    # versions rolled back: a config asking for one again is refused
+    bad_versions: list[str] = pydantic.Field(default_factory=list)
     last_outcome: str | None = None
 
 

@@ -478,6 +478,13 @@ class Updater:
         except ConfigError as e:
             self.reject(foreign_config, str(e))
             return None
+        if version.root in load_journal().bad_versions:
+            self.reject(
+                foreign_config,
+                f"general.software_version: {version.root} was rolled back on this station "
+                "before; release a fixed version under a new number",
+            )
+            return None
         if version < constants.VERSION and not updater_config.allow_downgrades:
             self.reject(
                 foreign_config,
@@ -492,12 +499,16 @@ class Updater:
         return StartUpdate(foreign_config, updater_config)
 
     def switch_to(self, foreign_config: ForeignConfig) -> None:
-        """After every step passed: note the candidate in the journal, point
-        the CLI pointer at the new version, remember the revision as handled,
-        and acknowledge the switch. The main loop then hands over. Called by
+        """After every step passed: note the candidate in the journal (on
+        trial, with its config's trial settings) and remember the revision as
+        handled. The pointer does not move yet: the main loop hands over to
+        the guard (`version_trial`), which commits or rolls back. Called by
         the main loop."""
+        from .version_trial import trial_settings
+
         version = foreign_config.general.software_version
         revision = foreign_config.general.config_revision
+        settings = trial_settings(foreign_config.to_dict())
         journal = load_journal()
         journal.current = journal.current or constants.VERSION.root
         journal.candidate = Candidate(
@@ -505,12 +516,14 @@ class Updater:
             from_version=constants.VERSION.root,
             config_revision=revision,
             switched_at=time.time(),
+            deadline_seconds=settings.deadline_seconds,
+            stable_seconds=settings.stable_seconds,
+            max_starts=settings.max_starts,
         )
         save_journal(journal)
-        self.update_cli_pointer(version)
         mark_config_revision_handled(revision)
         self.acknowledge(foreign_config, "progress", step="switch", software_update="UPDATING")
-        self.logger.info(f"switched the CLI pointer to version {version.root}; handing over")
+        self.logger.info(f"version {version.root} goes on trial; handing over to its guard")
 
     def abandon_update(self, foreign_config: ForeignConfig, reason: str) -> None:
         """A step failed: reject the config with the reason and remove what
@@ -592,48 +605,40 @@ def forget_interrupted_update(logger: Logger) -> None:
         )
 
 
-def resolve_interrupted_switch(logger: Logger, messaging_agent: MessagingAgent) -> None:
-    """At the start of a main loop: finish what a switch left in the journal.
-    If this version is the candidate, the switch worked: acknowledge the
-    config as accepted and make this version current (the previous one kept).
-    If another version is the candidate, the switch was cut off before the
-    pointer moved: forget it (the revision was not marked handled, so the same
-    config is tried again when it next arrives). Called by the main loop."""
+def deliver_pending_answer(logger: Logger, messaging_agent: MessagingAgent) -> None:
+    """At the start of a main loop: send the answer a version trial left in
+    the journal (accepted by the committed version, or rejected by the
+    previous one after a rollback) and remember the outcome. Called by the
+    main loop (never by a candidate on trial)."""
     journal = load_journal()
-    candidate = journal.candidate
-    if candidate is None:
-        if journal.current != constants.VERSION.root:
-            journal.current = constants.VERSION.root
-            save_journal(journal)
+    answer = journal.pending_answer
+    if journal.current != constants.VERSION.root and journal.candidate is None:
+        journal.current = constants.VERSION.root
+    if answer is None:
+        save_journal(journal)
         return
-    if candidate.version == constants.VERSION.root:
-        mark_config_revision_handled(candidate.config_revision)
-        journal.previous = candidate.from_version
-        journal.last_outcome = (
-            f"updated from {candidate.from_version} to {candidate.version} "
-            f"(config revision {candidate.config_revision})"
-        )
-        record_config_outcome(candidate.config_revision, candidate.version, "accepted")
-        try:
-            config = Config.load()
-            raw = json.loads(config.to_json(reveal_secrets=True))
-        except ConfigError:
-            raw = {
-                "general": {
-                    "config_revision": candidate.config_revision,
-                    "software_version": candidate.version,
-                }
-            }
-        messaging_agent.add_message(
-            ConfigMessageBody.about("accepted", raw, software_update="UPDATED")
-        )
-        logger.info(journal.last_outcome)
+    config: dict[str, object] = {
+        "general": {
+            "config_revision": answer.config_revision,
+            "software_version": answer.software_version,
+        }
+    }
+    if answer.status == "accepted":
+        mark_config_revision_handled(answer.config_revision)
+        logger.info(journal.last_outcome or f"now running {answer.software_version}")
     else:
-        logger.warning(
-            f"the switch to version {candidate.version} was interrupted before the CLI "
-            f"pointer moved; staying on {constants.VERSION.root}"
+        mark_config_revision_rejected(answer.config_revision)
+        logger.warning(f"version {answer.software_version} was rolled back", details=answer.reason)
+    record_config_outcome(
+        answer.config_revision, answer.software_version, answer.status, answer.reason
+    )
+    messaging_agent.add_message(
+        ConfigMessageBody.about(
+            answer.status,
+            config,
+            answer.reason,
+            software_update="UPDATED" if answer.status == "accepted" else "FAILED",
         )
-        journal.last_outcome = f"switch to {candidate.version} interrupted"
-    journal.current = constants.VERSION.root
-    journal.candidate = None
+    )
+    journal.pending_answer = None
     save_journal(journal)

@@ -1,0 +1,305 @@
+"""The trial of a new software version, judged by the previous one.
+
+After the switch, the old main loop does not hand over to the new version:
+it becomes the *guard* (the same process, the old version's code). The guard
+holds the lock, starts the candidate's main loop as its child (which then
+takes no lock of its own), and watches it with the health definition of
+`health`. Healthy in time: the candidate is stopped cleanly, the journal says
+`committed`, the CLI pointer moves to it, and the guard becomes the new
+version's main loop through the pointer. Not healthy by the deadline, a crash
+loop, a hang, or more than `max_starts` starts: the candidate is stopped, the
+journal says `rolling_back`, and the guard becomes the old version's main
+loop again; that one rejects the config with the reason. A candidate that
+cannot even import its own modules simply exits, and is rolled back.
+
+The journal (`update_journal`) is written before every move, so whatever
+start comes next (systemd, cron, `ivy start`, after a power loss or a
+`kill -9` of guard or candidate) finds where the trial stood and finishes it
+(`resolve_at_start`). Called by run.py only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from types import FrameType
+from typing import Any, Literal
+
+import tum_esm_utils.validators
+
+from src import constants
+from src.types.config import TrialConfig, secret_values
+
+from .health import fatal_problem, health_problem
+from .source_download import version_directory
+from .state_interface import StateInterface
+from .step_runner import output_tail
+from .systemd_notify import notify, watchdog
+from .update_journal import Candidate, PendingAnswer, load_journal, save_journal
+from .updater import Updater, cli_pointer_path
+
+GUARD_ENVIRONMENT_VARIABLE = "IVY_GUARDED_BY"
+_POLL_SECONDS = 0.5
+_STOP_SECONDS = 120.0
+_VERSION_DIRECTORY = re.compile(r"^\d+\.\d+\.\d+(-(alpha|beta|rc)\.\d+)?$")
+
+Verdict = Literal["healthy", "exited", "stopped", "unhealthy"]
+
+
+def is_guarded() -> bool:
+    """Whether this process is a candidate's main loop, started by a guard
+    that holds the lock for it."""
+    return os.environ.get(GUARD_ENVIRONMENT_VARIABLE) == str(os.getppid())
+
+
+def trial_settings(raw_config: object) -> TrialConfig:
+    """The `trial` section of the candidate's config, validated by this
+    version's rules; the defaults when it has none or an invalid one."""
+    section = raw_config.get("trial") if isinstance(raw_config, dict) else None
+    try:
+        return TrialConfig.model_validate(section or {})
+    except ValueError:
+        return TrialConfig()
+
+
+def candidate_output_path(version: str) -> str:
+    """Where a candidate's console output goes: `<data>/logs/candidate-<v>.txt`."""
+    return os.path.join(constants.LOGS_DIR, f"candidate-{version}.txt")
+
+
+def resolve_at_start() -> Literal["run", "guard", "exec"]:
+    """What a starting main loop process must do about the journal: finish a
+    commit or rollback that a power loss cut short and then `exec` the
+    pointer if it names another version, resume a trial as its guard, or run."""
+    journal = load_journal()
+    candidate = journal.candidate
+    if candidate is None:
+        return _exec_if_pointer_moved()
+    if candidate.phase == "committed":
+        _finish_commit(candidate)
+        return _exec_if_pointer_moved()
+    if candidate.phase == "rolling_back":
+        _finish_rollback(candidate, candidate.problem or "rolled back")
+        return _exec_if_pointer_moved()
+    return "guard"
+
+
+def _exec_if_pointer_moved() -> Literal["run", "exec"]:
+    pointer = cli_pointer_path()
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            names_this_version = f"/{constants.VERSION.root}/" in f.read()
+    except OSError:
+        return "run"  # a checkout without a production root
+    in_root = os.path.dirname(constants.PROJECT_DIR) == constants.ROOT_DIR
+    return "exec" if (in_root and not names_this_version) else "run"
+
+
+class Guard:
+    """Runs one trial to its end. Created by run.py in the previous version's
+    process, which holds no lock at that moment."""
+
+    def __init__(self) -> None:
+        """Read the candidate from the journal; SIGTERM stops the trial (it
+        resumes at the next start)."""
+        journal = load_journal()
+        if journal.candidate is None:
+            raise RuntimeError("no version is on trial")
+        self.candidate: Candidate = journal.candidate
+        self.stop_requested = False
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+
+    def run(self) -> bool:
+        """Start, watch and restart the candidate until it is committed or
+        rolled back (True), or the guard or the candidate is told to stop
+        (False: the trial resumes at the next start)."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        notify("READY=1")
+        candidate = self.candidate
+        problem = candidate.problem or "no start yet"
+        while candidate.attempts < candidate.max_starts:
+            candidate.attempts += 1
+            self._save()
+            verdict, problem = self._try_once()
+            if verdict == "healthy":
+                self._commit()
+                return True
+            if verdict == "stopped":
+                return False
+            candidate.problem = problem
+            self._save()
+            if verdict == "unhealthy":
+                break
+        else:
+            problem = f"started {candidate.max_starts} time(s) without becoming healthy: {problem}"
+        self._roll_back(problem)
+        return True
+
+    def _save(self) -> None:
+        journal = load_journal()
+        journal.candidate = self.candidate
+        save_journal(journal)
+
+    def _try_once(self) -> tuple[Verdict, str]:
+        candidate = self.candidate
+        project = version_directory(candidate.version)
+        os.makedirs(constants.LOGS_DIR, exist_ok=True)
+        environment = {key: v for key, v in os.environ.items() if key != "NOTIFY_SOCKET"}
+        environment[GUARD_ENVIRONMENT_VARIABLE] = str(os.getpid())
+        started = time.time()
+        with open(candidate_output_path(candidate.version), "ab") as output:
+            self.process = subprocess.Popen(
+                [
+                    os.path.join(project, ".venv", "bin", "python"),
+                    os.path.join(project, "cli.py"),
+                    "run",
+                ],
+                cwd=project,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+            )
+        while True:
+            watchdog()
+            time.sleep(_POLL_SECONDS)
+            if self.stop_requested:
+                self._stop_candidate()
+                return "stopped", "the guard was told to stop"
+            code = self.process.poll()
+            if code is not None:
+                if code == 0:  # stopped by `ivy stop`: the trial resumes at the next start
+                    return "stopped", "the candidate was stopped"
+                return "exited", f"its main loop exited with code {code}"
+            if _rollback_requested():
+                self._stop_candidate()
+                return "unhealthy", "rolled back by hand (`ivy rollback`)"
+            state = StateInterface.load()
+            needs_broker = _candidate_has_backend(candidate.version)
+            problem = health_problem(state, started, candidate.stable_seconds, needs_broker)
+            if problem is None:
+                self._stop_candidate()
+                return "healthy", ""
+            fatal = fatal_problem(state)
+            if fatal is not None or time.time() - started > candidate.deadline_seconds:
+                self._stop_candidate()
+                if fatal is not None:
+                    return "unhealthy", fatal
+                return "unhealthy", (
+                    f"not healthy {candidate.deadline_seconds:.0f} s after its start: {problem}"
+                )
+
+    def _stop_candidate(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+    def _commit(self) -> None:
+        self.candidate.phase = "committed"
+        self._save()
+        _finish_commit(self.candidate)
+
+    def _roll_back(self, problem: str) -> None:
+        self.candidate.phase = "rolling_back"
+        self.candidate.problem = problem
+        self._save()
+        _finish_rollback(self.candidate, problem)
+
+
+def _rollback_requested() -> bool:
+    candidate = load_journal().candidate
+    return candidate is not None and candidate.rollback_requested
+
+
+def _candidate_config(version: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(version_directory(version), "config", "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _candidate_has_backend(version: str) -> bool:
+    return _candidate_config(version).get("backend") is not None
+
+
+def _finish_commit(candidate: Candidate) -> None:
+    """Point at the candidate, make it current, keep the one before it as
+    previous and remove older versions."""
+    Updater.update_cli_pointer(tum_esm_utils.validators.Version(candidate.version))
+    journal = load_journal()
+    journal.previous = candidate.from_version
+    journal.current = candidate.version
+    journal.candidate = None
+    journal.pending_answer = PendingAnswer(
+        config_revision=candidate.config_revision,
+        software_version=candidate.version,
+        status="accepted",
+    )
+    journal.last_outcome = (
+        f"committed {candidate.version} after its trial (from {candidate.from_version}, "
+        f"config revision {candidate.config_revision})"
+    )
+    save_journal(journal)
+    remove_versions_except({candidate.version, candidate.from_version})
+
+
+def _finish_rollback(candidate: Candidate, problem: str) -> None:
+    """Point back at the previous version, mark the candidate bad and leave
+    the rejection for the previous version to send."""
+    Updater.update_cli_pointer(tum_esm_utils.validators.Version(candidate.from_version))
+    journal = load_journal()
+    if candidate.version not in journal.bad_versions:
+        journal.bad_versions = [*journal.bad_versions[-31:], candidate.version]
+    journal.current = candidate.from_version
+    journal.candidate = None
+    journal.pending_answer = PendingAnswer(
+        config_revision=candidate.config_revision,
+        software_version=candidate.version,
+        status="rejected",
+        reason=(
+            f"version {candidate.version} was rolled back to {candidate.from_version}: "
+            f"{problem}\nits last output:\n{_last_output(candidate.version)}"
+        ),
+    )
+    journal.last_outcome = f"rolled back {candidate.version}: {problem}"
+    save_journal(journal)
+
+
+def _last_output(version: str) -> str:
+    """The end of the candidate's console output, its config's secrets masked."""
+    try:
+        with open(candidate_output_path(version), encoding="utf-8", errors="replace") as f:
+            text = f.read()[-20_000:]
+    except OSError:
+        return "(none)"
+    masked = output_tail(text, secret_values(_candidate_config(version)))
+    return masked[-1_000:] or "(none)"
+
+
+def remove_versions_except(keep: set[str]) -> list[str]:
+    """Remove every version directory under the root but those in `keep`;
+    return their names. Called only after a commit."""
+    removed = []
+    for name in sorted(os.listdir(constants.ROOT_DIR)):
+        path = os.path.join(constants.ROOT_DIR, name)
+        if _VERSION_DIRECTORY.match(name) and name not in keep and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
