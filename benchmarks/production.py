@@ -27,6 +27,14 @@ BROKEN_TESTS = f"{_MAJOR}.{_MINOR + 2}.0"
 # the dev checkout's PDM and uv (`bash .ci/setup dev`)
 TOOLS = os.path.join(PROJECT_DIR, ".pdm-venv")
 
+# faults that show only on a station, under the guard of a version trial
+# (IVY_GUARDED_BY is set), so that the release passes its version_change tests
+_IN_PRODUCTION = '\n\nif __import__("os").environ.get("IVY_GUARDED_BY"):\n'
+CRASHES_AT_IMPORT = f"{_MAJOR}.{_MINOR + 3}.0"
+PROCEDURE_CRASH_LOOPS = f"{_MAJOR}.{_MINOR + 4}.0"
+HANGS = f"{_MAJOR}.{_MINOR + 5}.0"
+NEVER_CONNECTS = f"{_MAJOR}.{_MINOR + 6}.0"
+
 _FAILING_GATE = """import pytest
 
 pytestmark = pytest.mark.version_change
@@ -35,6 +43,35 @@ pytestmark = pytest.mark.version_change
 def test_this_release_is_broken_on_purpose() -> None:
     assert False, "release broken on purpose"
 """
+
+
+_RELEASES: dict[str, dict[str, str]] = {
+    GOOD: {},
+    BROKEN_TESTS: {"tests/test_zz_broken_release.py": _FAILING_GATE},
+    CRASHES_AT_IMPORT: {
+        "src/main.py": _IN_PRODUCTION
+        + '    raise ImportError("this release cannot import its main loop")\n'
+    },
+    PROCEDURE_CRASH_LOOPS: {
+        "src/procedures/dummy_procedure.py": _IN_PRODUCTION
+        + "    def _crash(config: Config, name: str) -> None:\n"
+        + '        raise RuntimeError("this release\'s procedure cannot start")\n\n'
+        + "    info = ProcedureInfo(run=_crash, config_model=DummyProcedureConfig)\n"
+    },
+    HANGS: {
+        "src/main.py": _IN_PRODUCTION
+        + "    def run(config: Config | None = None) -> str | None:  # noqa: F811\n"
+        + "        while True:\n"
+        + "            time.sleep(1)\n"
+    },
+    NEVER_CONNECTS: {
+        "src/backend/thingsboard_backend.py": _IN_PRODUCTION
+        + "    def run(  # noqa: F811\n"
+        + "        config: Config, name: str, teardown_indicator: Event\n"
+        + "    ) -> None:\n"
+        + "        teardown_indicator.wait()\n"
+    },
+}
 
 
 def git(*args: str, cwd: str) -> None:
@@ -67,8 +104,10 @@ def set_version(directory: str, current: str, version: str) -> None:
 
 @dataclass
 class Releases:
-    """A git repository with tags v<BASE> (this checkout), v<GOOD> (the same,
-    bumped) and v<BROKEN_TESTS> (bumped, with a failing version_change test)."""
+    """A git repository with tags v<BASE> (this checkout) and one per entry
+    of `_RELEASES`: the same tree, bumped, plus the entry's additions
+    (GOOD: none; BROKEN_TESTS: a failing version_change test; the others a
+    fault that shows only under a version trial's guard)."""
 
     repository: str
 
@@ -119,15 +158,22 @@ def make_releases(repository: str) -> Releases:
     git("add", "-A", cwd=repository)
     git("commit", "--quiet", "-m", BASE, cwd=repository)
     git("tag", f"v{BASE}", cwd=repository)
-    set_version(repository, BASE, GOOD)
-    git("commit", "--quiet", "-am", GOOD, cwd=repository)
-    git("tag", f"v{GOOD}", cwd=repository)
-    set_version(repository, GOOD, BROKEN_TESTS)
-    with open(os.path.join(repository, "tests", "test_zz_broken_release.py"), "w") as f:
-        f.write(_FAILING_GATE)
-    git("add", "-A", cwd=repository)
-    git("commit", "--quiet", "-m", BROKEN_TESTS, cwd=repository)
-    git("tag", f"v{BROKEN_TESTS}", cwd=repository)
+    for version, additions in _RELEASES.items():
+        # each release is the base tree, bumped, plus its own additions
+        git("checkout", "--quiet", f"v{BASE}", "--", ".", cwd=repository)
+        git("clean", "--quiet", "-fd", cwd=repository)
+        set_version(repository, BASE, version)
+        for path, text in additions.items():
+            mode = (
+                "a"
+                if path.endswith(".py") and os.path.exists(os.path.join(repository, path))
+                else "w"
+            )
+            with open(os.path.join(repository, path), mode) as f:
+                f.write(text)
+        git("add", "-A", cwd=repository)
+        git("commit", "--quiet", "-m", version, cwd=repository)
+        git("tag", f"v{version}", cwd=repository)
     return Releases(repository)
 
 

@@ -9,12 +9,9 @@ import glob
 import json
 import os
 import signal
-import subprocess
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 
 from benchmarks.mosquitto import Broker
@@ -24,65 +21,21 @@ from benchmarks.production import (
     GOOD,
     ProductionStation,
     Releases,
-    make_releases,
-    set_up_station,
     station_config,
 )
+from tests import production_fixtures
 from tests.conftest import wait_until
-from tests.mqtt_helpers import Subscriber, broker_fixture, publish
+from tests.mqtt_helpers import Subscriber, publish
+from tests.production_fixtures import apply, set_up, start
 from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return make_releases(str(tmp_path_factory.mktemp("releases") / "ivy"))
-
-
-@pytest.fixture(scope="module")
-def package_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("uv-cache"))
-
-
-def set_up(
-    tmp_path: Any, releases: Releases, package_cache: str, **changes: Any
-) -> ProductionStation:
-    return set_up_station(str(tmp_path / "station-root"), releases, package_cache, **changes)
-
-
-@pytest.fixture
-def killer() -> Iterator[list[ProductionStation]]:
-    """Kills every process of the stations a test registers, whatever happened."""
-    stations: list[ProductionStation] = []
-    yield stations
-    for station in stations:
-        for p in station.processes():
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-
-
-@pytest.fixture
-def station(
-    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
-) -> ProductionStation:
-    """Version BASE set up in a production root (not started)."""
-    made = set_up(tmp_path, releases, package_cache)
-    killer.append(made)
-    return made
-
-
-def start(station: ProductionStation) -> None:
-    result = station.cli("start", timeout=120)
-    assert result.returncode == 0, result.stderr
-
-
-def apply(
-    station: ProductionStation, path: str, wait: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return station.cli("config", "apply", path, "--wait", str(wait), timeout=wait + 60)
+releases = production_fixtures.releases
+package_cache = production_fixtures.package_cache
+killer = production_fixtures.killer
+station = production_fixtures.station
+broker = production_fixtures.broker
 
 
 def test_setup_then_a_same_version_config_applies_in_place(station: ProductionStation) -> None:
@@ -121,11 +74,6 @@ def _archived_data_identifiers(root: str) -> list[str]:
                 if entry["body"]["variant"] == "data":
                     identifiers.append(entry["identifier"])
     return identifiers
-
-
-@pytest.fixture
-def broker(tmp_path: Any) -> Iterator[Broker]:
-    yield from broker_fixture(str(tmp_path / "broker"))
 
 
 def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once(

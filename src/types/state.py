@@ -42,6 +42,8 @@ class MainloopState(_StateModel):
     pid: int | None = None
     started_at: float | None = None
     last_heartbeat: float | None = None
+    # the process that judges a version on trial (and holds the lock for it)
+    guard_pid: int | None = None
 
 
 class ProcessState(_StateModel):

@@ -74,7 +74,8 @@ def start_mainloop(timeout: float = 60.0) -> int:
                 f"the main loop exited with code {process.returncode}:\n"
                 + _read_from(constants.MAINLOOP_OUTPUT_PATH, output_offset)
             )
-        if StateInterface.load().mainloop.pid == process.pid:
+        mainloop = StateInterface.load().mainloop
+        if process.pid in (mainloop.pid, mainloop.guard_pid):  # a main loop, or a trial's guard
             return process.pid
         time.sleep(0.1)
     raise MainloopToggleError(f"the main loop (pid {process.pid}) did not come up in {timeout} s")

@@ -123,7 +123,16 @@ class Guard:
         (False: the trial resumes at the next start)."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        with StateInterface.update() as state:
+            state.mainloop.guard_pid = os.getpid()
         notify("READY=1")
+        try:
+            return self._judge()
+        finally:
+            with StateInterface.update() as state:
+                state.mainloop.guard_pid = None
+
+    def _judge(self) -> bool:
         candidate = self.candidate
         problem = candidate.problem or "no start yet"
         while candidate.attempts < candidate.max_starts:

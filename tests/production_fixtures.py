@@ -1,0 +1,72 @@
+"""Fixtures for tests on a production root made by `ivy setup` (see
+`benchmarks.production`): the releases repository and uv's cache, shared by
+a module's tests, and stations that are killed whatever happens."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from benchmarks.mosquitto import Broker
+from benchmarks.production import ProductionStation, Releases, make_releases, set_up_station
+from tests.mqtt_helpers import broker_fixture
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return make_releases(str(tmp_path_factory.mktemp("releases") / "ivy"))
+
+
+@pytest.fixture(scope="module")
+def package_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("uv-cache"))
+
+
+def set_up(
+    tmp_path: Any, releases: Releases, package_cache: str, **changes: Any
+) -> ProductionStation:
+    return set_up_station(str(tmp_path / "station-root"), releases, package_cache, **changes)
+
+
+@pytest.fixture
+def killer() -> Iterator[list[ProductionStation]]:
+    """Kills every process of the stations a test registers, whatever happened."""
+    stations: list[ProductionStation] = []
+    yield stations
+    for station in stations:
+        for p in station.processes():
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+
+
+@pytest.fixture
+def station(
+    tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
+) -> ProductionStation:
+    """Version BASE set up in a production root (not started)."""
+    made = set_up(tmp_path, releases, package_cache)
+    killer.append(made)
+    return made
+
+
+def start(station: ProductionStation) -> None:
+    result = station.cli("start", timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def apply(
+    station: ProductionStation, path: str, wait: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return station.cli("config", "apply", path, "--wait", str(wait), timeout=wait + 60)
+
+
+@pytest.fixture
+def broker(tmp_path: Any) -> Iterator[Broker]:
+    yield from broker_fixture(str(tmp_path / "broker"))

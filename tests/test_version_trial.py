@@ -1,0 +1,156 @@
+"""Never bricked: a new version that passes its tests but fails on the station
+(crashes at import, a procedure crash-loops, it hangs, its backend never
+connects) is rolled back by the previous version's guard, which then runs
+again and reports the rejection; a kill -9 of the guard during a trial ends,
+after `ivy start`, on one version. Production roots made by `ivy setup`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from benchmarks.mosquitto import Broker
+from benchmarks.production import (
+    BASE,
+    CRASHES_AT_IMPORT,
+    GOOD,
+    HANGS,
+    NEVER_CONNECTS,
+    PROCEDURE_CRASH_LOOPS,
+    ProductionStation,
+    Releases,
+)
+from tests import production_fixtures
+from tests.conftest import wait_until
+from tests.mqtt_helpers import Subscriber
+from tests.production_fixtures import apply, set_up, start
+
+pytestmark = [pytest.mark.integration, pytest.mark.updater]
+
+releases = production_fixtures.releases
+package_cache = production_fixtures.package_cache
+killer = production_fixtures.killer
+station = production_fixtures.station
+broker = production_fixtures.broker
+
+_QUICK_TRIAL = {"deadline_seconds": 30, "stable_seconds": 2, "max_starts": 3}
+
+
+def _journal(station: ProductionStation) -> dict[str, Any]:
+    with open(os.path.join(station.root, "data", "update-journal.json")) as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def _outcome(station: ProductionStation, revision: int) -> dict[str, Any] | None:
+    for outcome in station.state().get("config_outcomes", []):
+        if outcome["config_revision"] == revision:
+            return dict(outcome)
+    return None
+
+
+def _rolled_back(station: ProductionStation, version: str, revision: int, reason: str) -> None:
+    path = station.config_file(f"v{version}.json", version, revision, trial=_QUICK_TRIAL)
+    assert apply(station, path, wait=0).returncode == 0
+    assert wait_until(lambda: _outcome(station, revision) is not None, timeout=240, interval=0.5)
+    outcome = _outcome(station, revision)
+    assert outcome is not None and outcome["status"] == "rejected", outcome
+    assert f"version {version} was rolled back to {BASE}" in outcome["reason"]
+    assert reason in outcome["reason"], outcome["reason"]
+    assert station.pointed_version() == BASE
+    assert wait_until(lambda: station.running_versions() == {BASE}, timeout=30)
+    journal = _journal(station)
+    assert journal["current"] == BASE and journal["candidate"] is None
+    assert version in journal["bad_versions"]
+    assert os.path.isdir(os.path.join(station.root, version))  # kept for a look
+    # the same version is not tried again
+    again = station.config_file("again.json", version, revision + 1, trial=_QUICK_TRIAL)
+    refused = apply(station, again, wait=30)
+    assert refused.returncode == 1 and "was rolled back on this station before" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("version", "reason"),
+    [
+        (CRASHES_AT_IMPORT, "this release cannot import its main loop"),
+        (PROCEDURE_CRASH_LOOPS, "dummy_procedure is crash-looping"),
+        (HANGS, "the main loop has not written a heartbeat since the change"),
+    ],
+    ids=["crashes-at-import", "procedure-crash-loops", "hangs"],
+)
+def test_a_version_that_fails_on_the_station_is_rolled_back(
+    version: str, reason: str, station: ProductionStation
+) -> None:
+    start(station)
+    _rolled_back(station, version, 5, reason)
+    assert station.cli("stop").returncode == 0
+    assert station.processes() == []
+
+
+def test_a_version_whose_backend_never_connects_is_rolled_back_and_the_rejection_arrives(
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    broker: Broker,
+) -> None:
+    backend = {
+        "provider": "thingsboard",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": broker.port,
+        "mqtt_client_id": "station-on-trial",
+    }
+    station = set_up(tmp_path, releases, package_cache, backend=backend)
+    killer.append(station)
+    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
+    start(station)
+    path = station.config_file("never.json", NEVER_CONNECTS, 5, trial=_QUICK_TRIAL, backend=backend)
+    assert apply(station, path, wait=0).returncode == 0
+
+    def rejection() -> list[dict[str, Any]]:
+        return [
+            item["values"]
+            for item in subscriber.items("v1/devices/me/telemetry")
+            if item["values"].get("config_revision") == 5
+            and item["values"].get("config_status") == "rejected"
+        ]
+
+    assert wait_until(lambda: bool(rejection()), timeout=240, interval=0.5)
+    answer = rejection()[0]
+    assert answer["sw_state"] == "FAILED"
+    assert "the backend is not connected to the broker" in answer["sw_error"]
+    assert station.running_versions() == {BASE}
+    subscriber.close()
+    assert station.cli("stop").returncode == 0
+
+
+def test_kill_9_of_the_guard_during_a_trial_ends_on_one_version_after_ivy_start(
+    station: ProductionStation,
+) -> None:
+    start(station)
+    path = station.config_file("good.json", GOOD, 7, trial=_QUICK_TRIAL)
+    assert apply(station, path, wait=0).returncode == 0
+
+    def on_trial() -> bool:
+        return GOOD in station.running_versions() and BASE in station.running_versions()
+
+    assert wait_until(on_trial, timeout=240, interval=0.1)  # guard (BASE) + candidate
+    guard = [p for p in station.processes() if f"/{BASE}/" in " ".join(p.cmdline())]
+    assert len(guard) == 1
+    guard[0].send_signal(signal.SIGKILL)
+    assert wait_until(lambda: station.processes() == [], timeout=30)
+    assert _journal(station)["candidate"]["version"] == GOOD
+
+    start(station)  # the previous version's start resumes the trial as its guard
+    assert wait_until(lambda: _outcome(station, 7) is not None, timeout=240, interval=0.5)
+    outcome = _outcome(station, 7)
+    assert outcome is not None and outcome["status"] == "accepted", outcome
+    assert station.pointed_version() == GOOD
+    assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
+    journal = _journal(station)
+    assert (journal["current"], journal["previous"], journal["candidate"]) == (GOOD, BASE, None)
+    assert station.cli("stop").returncode == 0
