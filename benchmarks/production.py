@@ -160,8 +160,7 @@ def make_releases(repository: str) -> Releases:
     git("tag", f"v{BASE}", cwd=repository)
     for version, additions in _RELEASES.items():
         # each release is the base tree, bumped, plus its own additions
-        git("checkout", "--quiet", f"v{BASE}", "--", ".", cwd=repository)
-        git("clean", "--quiet", "-fd", cwd=repository)
+        git("reset", "--quiet", "--hard", f"v{BASE}", cwd=repository)
         set_version(repository, BASE, version)
         for path, text in additions.items():
             mode = (

@@ -57,8 +57,10 @@ def health_problem(
         if process.restarts > 0:
             return f"{name} restarted {process.restarts} time(s): {process.last_error}"
     connection = state.backend_connection
-    if needs_broker and (connection is None or not connection.connected):
-        detail = connection.detail if connection is not None else "no attempt reported"
+    # a report from before the change is the previous backend's
+    fresh = connection is not None and float(connection.since or 0) >= since
+    if needs_broker and (connection is None or not fresh or not connection.connected):
+        detail = connection.detail if (connection is not None and fresh) else "no report since"
         return f"the backend is not connected to the broker ({detail})"
     for name, process in sorted(state.processes.items()):
         started = process.started_at

@@ -38,7 +38,9 @@ def output_tail(text: str, secrets: Iterable[str] = ()) -> str:
     return "[…] " + masked[-OUTPUT_TAIL_CHARACTERS:]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask the kernel to kill it when
+    its parent dies."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -68,7 +70,7 @@ def run_command(
             text=True,
             errors="replace",
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except OSError as e:
         raise StepError(f"{os.path.basename(arguments[0])} cannot start: {e}") from None

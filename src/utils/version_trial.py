@@ -38,7 +38,7 @@ from src.types.config import TrialConfig, secret_values
 from .health import fatal_problem, health_problem
 from .source_download import version_directory
 from .state_interface import StateInterface
-from .step_runner import output_tail
+from .step_runner import die_with_parent, output_tail
 from .systemd_notify import notify, watchdog
 from .update_journal import Candidate, PendingAnswer, load_journal, save_journal
 from .updater import Updater, cli_pointer_path
@@ -177,6 +177,9 @@ class Guard:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
+                # a candidate never outlives its guard (a kill -9 of the guard
+                # leaves nothing running, and the next start resumes the trial)
+                preexec_fn=die_with_parent,
             )
         while True:
             watchdog()
