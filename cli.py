@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from typing import Any, NoReturn
@@ -591,6 +592,51 @@ def update_status() -> None:
             indent=2,
         )
     )
+
+
+@cli.command()
+def rollback() -> None:
+    """Go back to the previous version by hand: during a trial the guard
+    rolls the candidate back; otherwise the station is stopped, the pointer
+    goes back to the previous version (this one is marked bad) and the
+    station is started again if it ran."""
+    from src.utils.update_journal import Candidate, load_journal, save_journal
+    from src.utils.updater import cli_pointer_path
+    from src.utils.version_trial import finish_rollback
+
+    journal = load_journal()
+    candidate = journal.candidate
+    if candidate is not None and candidate.phase == "trial":
+        candidate.rollback_requested = True
+        save_journal(journal)
+        click.echo(f"asked the guard to roll {candidate.version} back to {candidate.from_version}")
+        return
+    previous = journal.previous
+    if previous is None or not os.path.isfile(
+        os.path.join(constants.ROOT_DIR, previous, ".venv", "bin", "python")
+    ):
+        _fail("there is no previous version to go back to")
+    was_running = mainloop_toggle.is_running()
+    if was_running:
+        mainloop_toggle.stop_mainloop(timeout=_stop_timeout(None))
+    problem = "rolled back by hand (`ivy rollback`)"
+    by_hand = Candidate(
+        version=constants.VERSION.root,
+        from_version=previous,
+        config_revision=_load_config_or_fail().general.config_revision,
+        switched_at=time.time(),
+        phase="rolling_back",
+        problem=problem,
+    )
+    journal.candidate = by_hand
+    save_journal(journal)
+    finish_rollback(by_hand, problem)
+    click.echo(f"the pointer names {previous} again; {constants.VERSION.root} is marked bad")
+    if was_running:
+        pointer = cli_pointer_path()
+        result = subprocess.run([pointer, "start"], check=False)
+        if result.returncode != 0:
+            _fail(f"{pointer} start failed")
 
 
 @cli.command()

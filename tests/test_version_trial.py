@@ -47,7 +47,8 @@ def _journal(station: ProductionStation) -> dict[str, Any]:
 
 
 def _outcome(station: ProductionStation, revision: int) -> dict[str, Any] | None:
-    for outcome in station.state().get("config_outcomes", []):
+    """The latest outcome of a config revision."""
+    for outcome in reversed(station.state().get("config_outcomes", [])):
         if outcome["config_revision"] == revision:
             return dict(outcome)
     return None
@@ -152,4 +153,32 @@ def test_kill_9_of_the_guard_during_a_trial_ends_on_one_version_after_ivy_start(
     assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
     journal = _journal(station)
     assert (journal["current"], journal["previous"], journal["candidate"]) == (GOOD, BASE, None)
+    assert station.cli("stop").returncode == 0
+
+
+def test_a_good_version_is_committed_older_ones_go_and_ivy_rollback_goes_back(
+    station: ProductionStation,
+) -> None:
+    older = os.path.join(station.root, "0.0.9")
+    os.makedirs(os.path.join(older, ".venv"))  # a version from before the previous one
+    start(station)
+    path = station.config_file("good.json", GOOD, 8, trial=_QUICK_TRIAL)
+    result = apply(station, path, wait=240)
+    assert result.returncode == 0 and "accepted" in result.stdout, result.stdout + result.stderr
+    assert station.pointed_version() == GOOD
+    assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
+    journal = _journal(station)
+    assert (journal["current"], journal["previous"]) == (GOOD, BASE)
+    assert "committed" in journal["last_outcome"]
+    assert not os.path.exists(older)  # removed after the commit
+    assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
+
+    rolled = station.cli("rollback", timeout=300)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert station.pointed_version() == BASE
+    assert wait_until(lambda: station.running_versions() == {BASE}, timeout=60)
+    assert wait_until(lambda: (_outcome(station, 8) or {}).get("status") == "rejected", 60)
+    journal = _journal(station)
+    assert journal["current"] == BASE and GOOD in journal["bad_versions"]
+    assert station.cli("rollback").returncode == 1  # nothing further back
     assert station.cli("stop").returncode == 0

@@ -84,7 +84,7 @@ def resolve_at_start() -> Literal["run", "guard", "exec"]:
         _finish_commit(candidate)
         return _exec_if_pointer_moved()
     if candidate.phase == "rolling_back":
-        _finish_rollback(candidate, candidate.problem or "rolled back")
+        finish_rollback(candidate, candidate.problem or "rolled back")
         return _exec_if_pointer_moved()
     return "guard"
 
@@ -230,7 +230,7 @@ class Guard:
         self.candidate.phase = "rolling_back"
         self.candidate.problem = problem
         self._save()
-        _finish_rollback(self.candidate, problem)
+        finish_rollback(self.candidate, problem)
 
 
 def _rollback_requested() -> bool:
@@ -272,7 +272,7 @@ def _finish_commit(candidate: Candidate) -> None:
     remove_versions_except({candidate.version, candidate.from_version})
 
 
-def _finish_rollback(candidate: Candidate, problem: str) -> None:
+def finish_rollback(candidate: Candidate, problem: str) -> None:
     """Point back at the previous version, mark the candidate bad and leave
     the rejection for the previous version to send."""
     Updater.update_cli_pointer(tum_esm_utils.validators.Version(candidate.from_version))
@@ -280,6 +280,8 @@ def _finish_rollback(candidate: Candidate, problem: str) -> None:
     if candidate.version not in journal.bad_versions:
         journal.bad_versions = [*journal.bad_versions[-31:], candidate.version]
     journal.current = candidate.from_version
+    if journal.previous == candidate.from_version:
+        journal.previous = None  # the version left behind is marked bad
     journal.candidate = None
     journal.pending_answer = PendingAnswer(
         config_revision=candidate.config_revision,

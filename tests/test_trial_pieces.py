@@ -1,0 +1,136 @@
+"""The pieces of a trial on their own: the health definition, the journal's
+resolution at start after a power loss in a commit or a rollback, and the
+systemd notifications."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from src import constants
+from src.types import ProcessState, State
+from src.types.state import BackendConnectionState
+from src.utils import systemd_notify
+from src.utils.health import health_problem
+from src.utils.update_journal import Candidate, load_journal, save_journal
+from src.utils.updater import cli_pointer_path
+from src.utils.version_trial import resolve_at_start
+
+pytestmark = [pytest.mark.quick, pytest.mark.updater]
+
+
+def healthy_state(now: float) -> State:
+    state = State()
+    state.mainloop.pid = 1
+    state.mainloop.last_heartbeat = now
+    state.processes = {
+        "backend": ProcessState(variant="backend", alive=True, started_at=now - 60),
+        "dummy_procedure": ProcessState(variant="procedure", alive=True, started_at=now - 60),
+    }
+    state.backend_connection = BackendConnectionState(
+        connected=True, detail="connected", since=now - 50, last_acknowledgment=now - 1
+    )
+    return state
+
+
+def test_the_health_definition_names_what_is_missing() -> None:
+    now = time.time()
+    since = now - 100
+    assert health_problem(healthy_state(now), since, 30, needs_broker=True, now=now) is None
+
+    cases: list[tuple[str, Any, str]] = [
+        ("mainloop", ("last_heartbeat", since - 1), "has not written a heartbeat"),
+        ("mainloop", ("last_heartbeat", now - 40), "last heartbeat is 40 s old"),
+        ("dummy_procedure", ("alive", False), "dummy_procedure is not running"),
+        ("dummy_procedure", ("restarts", 1), "dummy_procedure restarted 1 time(s)"),
+        ("dummy_procedure", ("crash_looping", True), "dummy_procedure is crash-looping"),
+        ("dummy_procedure", ("started_at", now - 10), "has not run for 30 s yet"),
+        ("connection", ("connected", False), "not connected to the broker"),
+        ("connection", ("since", since - 1), "not connected to the broker (no report since)"),
+        ("connection", ("last_acknowledgment", since - 1), "has not acknowledged a message"),
+    ]
+    for part, (field, value), expected in cases:
+        state = healthy_state(now)
+        target = {
+            "mainloop": state.mainloop,
+            "connection": state.backend_connection,
+        }.get(part) or state.processes[part]
+        setattr(target, field, value)
+        problem = health_problem(state, since, 30, needs_broker=True, now=now)
+        assert problem is not None and expected in problem, (part, field, problem)
+    without_broker = healthy_state(now)
+    without_broker.backend_connection = None
+    del without_broker.processes["backend"]
+    assert health_problem(without_broker, since, 30, needs_broker=False, now=now) is None
+
+
+@pytest.fixture
+def root(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    directory = str(tmp_path / "root")
+    for version in ("1.0.0", "1.1.0"):
+        os.makedirs(os.path.join(directory, version, ".venv", "bin"))
+    monkeypatch.setattr(constants, "ROOT_DIR", directory)
+    monkeypatch.setattr(constants, "PROJECT_DIR", os.path.join(directory, "1.0.0"))
+    monkeypatch.setattr(constants.VERSION, "root", "1.0.0")
+    return directory
+
+
+def on_trial(phase: str) -> None:
+    journal = load_journal()
+    journal.current = "1.0.0"
+    journal.candidate = Candidate(
+        version="1.1.0",
+        from_version="1.0.0",
+        config_revision=9,
+        switched_at=time.time(),
+        phase=phase,
+        problem="not healthy",
+    )
+    save_journal(journal)
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_start(root: str) -> None:
+    on_trial("committed")
+    assert resolve_at_start() == "exec"  # the pointer now names 1.1.0, not us
+    with open(cli_pointer_path()) as f:
+        assert "/1.1.0/" in f.read()
+    journal = load_journal()
+    assert (journal.current, journal.previous, journal.candidate) == ("1.1.0", "1.0.0", None)
+    assert journal.pending_answer is not None and journal.pending_answer.status == "accepted"
+
+
+def test_a_rollback_cut_short_is_finished_by_the_next_start(root: str) -> None:
+    on_trial("rolling_back")
+    assert resolve_at_start() == "run"  # the pointer names us, the previous version
+    journal = load_journal()
+    assert (journal.current, journal.candidate) == ("1.0.0", None)
+    assert journal.bad_versions == ["1.1.0"]
+    assert journal.pending_answer is not None and journal.pending_answer.status == "rejected"
+
+
+def test_a_trial_cut_short_is_resumed_by_a_guard(root: str) -> None:
+    on_trial("trial")
+    assert resolve_at_start() == "guard"
+
+
+def test_systemd_hears_ready_and_watchdog(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        listener.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        systemd_notify.notify("READY=1")
+        assert listener.recv(100) == b"READY=1"
+        monkeypatch.setattr(systemd_notify, "_last_watchdog", 0.0)
+        systemd_notify.watchdog()
+        systemd_notify.watchdog()  # throttled: one datagram
+        assert listener.recv(100) == b"WATCHDOG=1"
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.recv(100)
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    systemd_notify.notify("READY=1")  # outside systemd: nothing, no error
