@@ -4,6 +4,9 @@ a module's tests, and stations that are killed whatever happens."""
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -70,3 +73,24 @@ def apply(
 @pytest.fixture
 def broker(tmp_path: Any) -> Iterator[Broker]:
     yield from broker_fixture(str(tmp_path / "broker"))
+
+
+def delivered_data_identifiers(items: list[dict[str, Any]]) -> list[str]:
+    """The identifiers of the dummy procedure's data in ThingsBoard items."""
+    return [
+        item["values"]["message_identifier"]
+        for item in items
+        if "message_identifier" in item["values"] and "random_walk" in item["values"]
+    ]
+
+
+def archived_data_identifiers(root: str) -> list[str]:
+    """The identifiers of every data message in a root's archive."""
+    identifiers = []
+    for path in sorted(glob.glob(os.path.join(root, "data", "messages", "*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                entry = json.loads(line)
+                if entry["body"]["variant"] == "data":
+                    identifiers.append(entry["identifier"])
+    return identifiers

@@ -27,7 +27,13 @@ from benchmarks.production import (
 from tests import production_fixtures
 from tests.conftest import wait_until
 from tests.mqtt_helpers import Subscriber
-from tests.production_fixtures import apply, set_up, start
+from tests.production_fixtures import (
+    apply,
+    archived_data_identifiers,
+    delivered_data_identifiers,
+    set_up,
+    start,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
@@ -129,23 +135,45 @@ def test_a_version_whose_backend_never_connects_is_rolled_back_and_the_rejection
     assert station.cli("stop").returncode == 0
 
 
-def test_kill_9_of_the_guard_during_a_trial_ends_on_one_version_after_ivy_start(
-    station: ProductionStation,
+@pytest.mark.parametrize("target", ["guard", "candidate"])
+def test_kill_9_during_a_trial_ends_on_one_version_with_no_message_lost(
+    target: str,
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    broker: Broker,
 ) -> None:
+    """The guard killed: the next `ivy start` resumes the trial as a guard.
+    The candidate killed: its guard starts it again. Either way the good
+    version is committed, and every measurement reaches the broker."""
+    backend = {
+        "provider": "thingsboard",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": broker.port,
+        "mqtt_client_id": "station-on-trial",
+    }
+    station = set_up(tmp_path, releases, package_cache, backend=backend)
+    killer.append(station)
+    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
     start(station)
-    path = station.config_file("good.json", GOOD, 7, trial=_QUICK_TRIAL)
+    path = station.config_file("good.json", GOOD, 7, trial=_QUICK_TRIAL, backend=backend)
     assert apply(station, path, wait=0).returncode == 0
 
-    def guard_pid() -> int | None:
-        pid: int | None = station.state().get("mainloop", {}).get("guard_pid")
+    def pid_of(role: str) -> int | None:
+        mainloop = station.state().get("mainloop", {})
+        pid: int | None = mainloop.get("guard_pid")
+        if role == "candidate":
+            pid = mainloop.get("pid") if pid is not None and mainloop.get("pid") != pid else None
         return pid
 
-    assert wait_until(lambda: guard_pid() is not None, timeout=240, interval=0.1)
-    os.kill(guard_pid() or 0, signal.SIGKILL)
-    assert wait_until(lambda: station.processes() == [], timeout=30)
-    assert _journal(station)["candidate"]["version"] == GOOD
+    assert wait_until(lambda: pid_of(target) is not None, timeout=240, interval=0.1)
+    os.kill(pid_of(target) or 0, signal.SIGKILL)
+    if target == "guard":
+        assert wait_until(lambda: station.processes() == [], timeout=30)
+        assert _journal(station)["candidate"]["version"] == GOOD
+        start(station)  # the previous version's start resumes the trial as its guard
 
-    start(station)  # the previous version's start resumes the trial as its guard
     assert wait_until(lambda: _outcome(station, 7) is not None, timeout=240, interval=0.5)
     outcome = _outcome(station, 7)
     assert outcome is not None and outcome["status"] == "accepted", outcome
@@ -153,7 +181,21 @@ def test_kill_9_of_the_guard_during_a_trial_ends_on_one_version_after_ivy_start(
     assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
     journal = _journal(station)
     assert (journal["current"], journal["previous"], journal["candidate"]) == (GOOD, BASE, None)
+    # every start counts, the interrupted one too: a candidate that keeps
+    # taking the station down with it runs out of starts
+    assert "start 2 of 3" in journal["last_outcome"], journal["last_outcome"]
+
+    received = len(delivered_data_identifiers(subscriber.items()))
+    assert wait_until(
+        lambda: len(delivered_data_identifiers(subscriber.items())) >= received + 2, 60
+    )
     assert station.cli("stop").returncode == 0
+    archived = archived_data_identifiers(station.root)
+    assert len(archived) > 10
+    assert wait_until(
+        lambda: set(archived) <= set(delivered_data_identifiers(subscriber.items())), 30
+    ), "measurements lost across the trial"
+    subscriber.close()
 
 
 def test_a_good_version_is_committed_older_ones_go_and_ivy_rollback_goes_back(

@@ -26,7 +26,13 @@ from benchmarks.production import (
 from tests import production_fixtures
 from tests.conftest import wait_until
 from tests.mqtt_helpers import Subscriber, publish
-from tests.production_fixtures import apply, set_up, start
+from tests.production_fixtures import (
+    apply,
+    archived_data_identifiers,
+    delivered_data_identifiers,
+    set_up,
+    start,
+)
 from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
@@ -57,25 +63,6 @@ def test_setup_then_a_same_version_config_applies_in_place(station: ProductionSt
     assert station.cli("stop").returncode == 0
 
 
-def _identifiers(items: list[dict[str, Any]]) -> list[str]:
-    return [
-        item["values"]["message_identifier"]
-        for item in items
-        if "message_identifier" in item["values"] and "random_walk" in item["values"]
-    ]
-
-
-def _archived_data_identifiers(root: str) -> list[str]:
-    identifiers = []
-    for path in sorted(glob.glob(os.path.join(root, "data", "messages", "*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                entry = json.loads(line)
-                if entry["body"]["variant"] == "data":
-                    identifiers.append(entry["identifier"])
-    return identifiers
-
-
 def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once(
     tmp_path: Any,
     releases: Releases,
@@ -103,7 +90,7 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
             and item["values"]["config_status"] != "startup"
         ]
 
-    assert wait_until(lambda: len(_identifiers(subscriber.items())) >= 3, timeout=60)
+    assert wait_until(lambda: len(delivered_data_identifiers(subscriber.items())) >= 3, timeout=60)
     new_config = station_config(releases, GOOD, 5)
     new_config["backend"] = backend
     publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(new_config)})
@@ -139,15 +126,19 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
     # the old version, the candidate on trial, then the committed version
     assert [s["current_sw_version"] for s in startups] == [BASE, GOOD, GOOD]
 
-    before_stop = len(_identifiers(subscriber.items()))
-    assert wait_until(lambda: len(_identifiers(subscriber.items())) >= before_stop + 3, timeout=60)
+    before_stop = len(delivered_data_identifiers(subscriber.items()))
+    assert wait_until(
+        lambda: len(delivered_data_identifiers(subscriber.items())) >= before_stop + 3, timeout=60
+    )
     assert station.cli("stop").returncode == 0
     assert station.processes() == []
-    archived = _archived_data_identifiers(station.root)
-    received = _identifiers(subscriber.items())
+    archived = archived_data_identifiers(station.root)
+    received = delivered_data_identifiers(subscriber.items())
     assert len(archived) == len(set(archived)) > 10
-    assert wait_until(lambda: set(_identifiers(subscriber.items())) == set(archived), 30)
-    received = _identifiers(subscriber.items())
+    assert wait_until(
+        lambda: set(delivered_data_identifiers(subscriber.items())) == set(archived), 30
+    )
+    received = delivered_data_identifiers(subscriber.items())
     assert sorted(received) == sorted(archived), "lost or duplicated across the switch"
     subscriber.close()
 

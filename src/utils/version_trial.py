@@ -265,8 +265,9 @@ def _finish_commit(candidate: Candidate) -> None:
         status="accepted",
     )
     journal.last_outcome = (
-        f"committed {candidate.version} after its trial (from {candidate.from_version}, "
-        f"config revision {candidate.config_revision})"
+        f"committed {candidate.version} after its trial (start {candidate.attempts} of "
+        f"{candidate.max_starts}; from {candidate.from_version}, config revision "
+        f"{candidate.config_revision})"
     )
     save_journal(journal)
     remove_versions_except({candidate.version, candidate.from_version})
