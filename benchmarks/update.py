@@ -9,7 +9,9 @@
   acknowledgements), side by side with `pdm sync` of the same lock into a new
   venv with PDM's own warm cache;
 - the disk a second version's venv takes beyond the files it shares (uv's
-  hardlinks) with the cache and the first venv.
+  hardlinks) with the cache and the first venv;
+- from the switch to a release that crashes at import until the version
+  before it runs again and has answered the config (three starts, rollback).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from collections.abc import Iterator
 from src.utils.messaging_agent import MessagingAgent
 
 from .common import Figure
-from .production import GOOD, TOOLS, ProductionStation, make_releases, set_up_station
+from .production import (
+    CRASHES_AT_IMPORT,
+    GOOD,
+    TOOLS,
+    ProductionStation,
+    make_releases,
+    set_up_station,
+)
 
 _BENCHMARK = "update"
 
@@ -136,6 +145,38 @@ def _step_seconds(station: ProductionStation, revision: int) -> dict[str, float]
         agent.close()
 
 
+def _rollback_figure(station: ProductionStation) -> Figure:
+    """From the switch to a release that crashes at import until the version
+    before it runs again and has answered: the guard's three starts of the
+    candidate, the rollback, and the old main loop's start."""
+    path = station.config_file("crashes.json", CRASHES_AT_IMPORT, 200)
+    journal_path = os.path.join(station.root, "data", "update-journal.json")
+    result = station.cli("config", "apply", path, "--wait", "0")
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    switched_at = None
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        with open(journal_path) as f:
+            candidate = json.load(f).get("candidate")
+        if candidate is not None:
+            switched_at = float(candidate["switched_at"])
+        outcomes = [
+            o for o in station.state().get("config_outcomes", []) if o["config_revision"] == 200
+        ]
+        if outcomes and switched_at is not None:
+            if outcomes[-1]["status"] != "rejected":
+                raise RuntimeError(f"expected a rollback, got {outcomes[-1]}")
+            return Figure(
+                _BENCHMARK,
+                "crashing_candidate_to_previous_running_s",
+                float(outcomes[-1]["at"]) - switched_at,
+                "s",
+            )
+        time.sleep(0.05)
+    raise RuntimeError("no rollback within 600 s")
+
+
 def run(quick: bool) -> Iterator[Figure]:
     """Apply-to-running, a full update by step, and the second venv's disk."""
     scratch = tempfile.mkdtemp(prefix="ivy-bench-update-")
@@ -174,6 +215,7 @@ def run(quick: bool) -> Iterator[Figure]:
             for step, seconds in steps.items():
                 baseline = ("pdm sync", pdm_sync) if step == "install" else (None, None)
                 yield Figure(_BENCHMARK, f"version_update_{step}_s", seconds, "s", *baseline)
+            yield _rollback_figure(station)
             unshared, shown = _unshared_bytes(os.path.join(station.root, GOOD, ".venv"))
             yield Figure(
                 _BENCHMARK,
