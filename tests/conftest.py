@@ -29,6 +29,9 @@ os.environ["IVY_DATA_DIR"], os.environ["IVY_ROOT_DIR"] = _SESSION_DIRECTORIES
 
 from src import constants, procedures  # noqa: E402, F401 - registers the procedure sections
 
+# fixtures of the tests on a production root (releases, stations, a broker)
+pytest_plugins = ["tests.production_fixtures"]
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remove the session's own temporary directories."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -17,7 +18,7 @@ import pytest
 
 from benchmarks.mosquitto import Broker
 from benchmarks.production import ProductionStation, Releases, make_releases, set_up_station
-from tests.mqtt_helpers import broker_fixture
+from tests.mqtt_helpers import Subscriber, broker_fixture
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def killer() -> Iterator[list[ProductionStation]]:
 
 
 @pytest.fixture
-def station(
+def production_station(
     tmp_path: Any, releases: Releases, package_cache: str, killer: list[ProductionStation]
 ) -> ProductionStation:
     """Version BASE set up in a production root (not started)."""
@@ -73,6 +74,39 @@ def apply(
 @pytest.fixture
 def broker(tmp_path: Any) -> Iterator[Broker]:
     yield from broker_fixture(str(tmp_path / "broker"))
+
+
+@dataclass
+class ConnectedStation:
+    """A started station with a ThingsBoard backend on the test's broker, and
+    a subscriber in the server's place."""
+
+    station: ProductionStation
+    backend: dict[str, Any]
+    subscriber: Subscriber
+
+
+@pytest.fixture
+def connected_station(
+    tmp_path: Any,
+    releases: Releases,
+    package_cache: str,
+    killer: list[ProductionStation],
+    broker: Broker,
+) -> Iterator[ConnectedStation]:
+    """Version BASE set up with a backend on `broker`, started."""
+    backend = {
+        "provider": "thingsboard",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": broker.port,
+        "mqtt_client_id": "station-under-update",
+    }
+    made = set_up(tmp_path, releases, package_cache, backend=backend)
+    killer.append(made)
+    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
+    start(made)
+    yield ConnectedStation(made, backend, subscriber)
+    subscriber.close()
 
 
 def delivered_data_identifiers(items: list[dict[str, Any]]) -> list[str]:

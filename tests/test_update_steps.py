@@ -81,12 +81,16 @@ def test_not_enough_disk_space_is_refused_with_the_figures(
         Updater.check_free_space(Version("9.9.9"))
 
 
-@pytest.mark.integration
-def test_the_install_is_exactly_the_lock_and_shares_the_package_cache(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def dev_tools(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDM and uv from the dev checkout, uv's cache in this test's directory."""
     monkeypatch.setenv("IVY_TOOLS_DIR", os.path.join(PROJECT_DIR, ".pdm-venv"))
     monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("dev_tools")
+def test_the_install_is_exactly_the_lock_and_shares_the_package_cache(tmp_path: Any) -> None:
     venvs = []
     for name in ("a", "b"):
         project = tmp_path / name
@@ -170,11 +174,10 @@ def test_setup_refuses_bad_input_with_a_clear_message(tmp_path: Any) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("dev_tools")
 def test_a_lock_that_cannot_be_installed_fails_the_install_step_with_its_reason(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any,
 ) -> None:
-    monkeypatch.setenv("IVY_TOOLS_DIR", os.path.join(PROJECT_DIR, ".pdm-venv"))
-    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "cache"))
     project = tmp_path / "broken"
     project.mkdir()
     (project / "pyproject.toml").write_bytes(

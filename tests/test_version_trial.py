@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from benchmarks.mosquitto import Broker
 from benchmarks.production import (
     BASE,
     CRASHES_AT_IMPORT,
@@ -22,26 +21,18 @@ from benchmarks.production import (
     NEVER_CONNECTS,
     PROCEDURE_CRASH_LOOPS,
     ProductionStation,
-    Releases,
 )
-from tests import production_fixtures
 from tests.conftest import wait_until
-from tests.mqtt_helpers import Subscriber
 from tests.production_fixtures import (
+    ConnectedStation,
     apply,
     archived_data_identifiers,
     delivered_data_identifiers,
-    set_up,
     start,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
-releases = production_fixtures.releases
-package_cache = production_fixtures.package_cache
-killer = production_fixtures.killer
-station = production_fixtures.station
-broker = production_fixtures.broker
 
 _QUICK_TRIAL = {"deadline_seconds": 30, "stable_seconds": 2, "max_starts": 3}
 
@@ -90,8 +81,9 @@ def _rolled_back(station: ProductionStation, version: str, revision: int, reason
     ids=["crashes-at-import", "procedure-crash-loops", "hangs"],
 )
 def test_a_version_that_fails_on_the_station_is_rolled_back(
-    version: str, reason: str, station: ProductionStation
+    version: str, reason: str, production_station: ProductionStation
 ) -> None:
+    station = production_station
     start(station)
     _rolled_back(station, version, 5, reason)
     assert station.cli("stop").returncode == 0
@@ -99,22 +91,13 @@ def test_a_version_that_fails_on_the_station_is_rolled_back(
 
 
 def test_a_version_whose_backend_never_connects_is_rolled_back_and_the_rejection_arrives(
-    tmp_path: Any,
-    releases: Releases,
-    package_cache: str,
-    killer: list[ProductionStation],
-    broker: Broker,
+    connected_station: ConnectedStation,
 ) -> None:
-    backend = {
-        "provider": "thingsboard",
-        "mqtt_host": "127.0.0.1",
-        "mqtt_port": broker.port,
-        "mqtt_client_id": "station-on-trial",
-    }
-    station = set_up(tmp_path, releases, package_cache, backend=backend)
-    killer.append(station)
-    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
-    start(station)
+    station, backend, subscriber = (
+        connected_station.station,
+        connected_station.backend,
+        connected_station.subscriber,
+    )
     path = station.config_file("never.json", NEVER_CONNECTS, 5, trial=_QUICK_TRIAL, backend=backend)
     assert apply(station, path, wait=0).returncode == 0
 
@@ -131,32 +114,22 @@ def test_a_version_whose_backend_never_connects_is_rolled_back_and_the_rejection
     assert answer["sw_state"] == "FAILED"
     assert "the backend is not connected to the broker" in answer["sw_error"]
     assert station.running_versions() == {BASE}
-    subscriber.close()
     assert station.cli("stop").returncode == 0
 
 
 @pytest.mark.parametrize("target", ["guard", "candidate"])
 def test_kill_9_during_a_trial_ends_on_one_version_with_no_message_lost(
     target: str,
-    tmp_path: Any,
-    releases: Releases,
-    package_cache: str,
-    killer: list[ProductionStation],
-    broker: Broker,
+    connected_station: ConnectedStation,
 ) -> None:
     """The guard killed: the next `ivy start` resumes the trial as a guard.
     The candidate killed: its guard starts it again. Either way the good
     version is committed, and every measurement reaches the broker."""
-    backend = {
-        "provider": "thingsboard",
-        "mqtt_host": "127.0.0.1",
-        "mqtt_port": broker.port,
-        "mqtt_client_id": "station-on-trial",
-    }
-    station = set_up(tmp_path, releases, package_cache, backend=backend)
-    killer.append(station)
-    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
-    start(station)
+    station, backend, subscriber = (
+        connected_station.station,
+        connected_station.backend,
+        connected_station.subscriber,
+    )
     path = station.config_file("good.json", GOOD, 7, trial=_QUICK_TRIAL, backend=backend)
     assert apply(station, path, wait=0).returncode == 0
 
@@ -195,12 +168,12 @@ def test_kill_9_during_a_trial_ends_on_one_version_with_no_message_lost(
     assert wait_until(
         lambda: set(archived) <= set(delivered_data_identifiers(subscriber.items())), 30
     ), "measurements lost across the trial"
-    subscriber.close()
 
 
 def test_a_good_version_is_committed_older_ones_go_and_ivy_rollback_goes_back(
-    station: ProductionStation,
+    production_station: ProductionStation,
 ) -> None:
+    station = production_station
     older = os.path.join(station.root, "0.0.9")
     os.makedirs(os.path.join(older, ".venv"))  # a version from before the previous one
     start(station)

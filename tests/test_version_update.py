@@ -23,34 +23,31 @@ from benchmarks.production import (
     Releases,
     station_config,
 )
-from tests import production_fixtures
 from tests.conftest import wait_until
-from tests.mqtt_helpers import Subscriber, publish
+from tests.mqtt_helpers import publish
 from tests.production_fixtures import (
+    ConnectedStation,
     apply,
     archived_data_identifiers,
     delivered_data_identifiers,
-    set_up,
     start,
 )
 from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
-releases = production_fixtures.releases
-package_cache = production_fixtures.package_cache
-killer = production_fixtures.killer
-station = production_fixtures.station
-broker = production_fixtures.broker
 
-
-def test_setup_then_a_same_version_config_applies_in_place(station: ProductionStation) -> None:
+def test_setup_then_a_same_version_config_applies_in_place(
+    production_station: ProductionStation,
+) -> None:
+    station = production_station
     assert station.pointed_version() == BASE
     assert os.path.isfile(os.path.join(station.root, BASE, ".venv", "bin", "python"))
     for next_step in ("ivy-cli.sh start", "ivy-cli.sh boot systemd", "ivy-cli.sh boot cron"):
         assert next_step in station.setup_output
     boot = station.cli("boot", "systemd").stdout
     assert f"ExecStart={station.pointer} run" in boot
+    assert "Type=notify" in boot and "WatchdogSec=" in boot and "Restart=always" in boot
     start(station)
     pid = station.state()["mainloop"]["pid"]
     path = station.config_file("same-version.json", BASE, 1, dummy_procedure=None)
@@ -64,22 +61,15 @@ def test_setup_then_a_same_version_config_applies_in_place(station: ProductionSt
 
 
 def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once(
-    tmp_path: Any,
+    connected_station: ConnectedStation,
     releases: Releases,
-    package_cache: str,
-    killer: list[ProductionStation],
     broker: Broker,
 ) -> None:
-    backend = {
-        "provider": "thingsboard",
-        "mqtt_host": "127.0.0.1",
-        "mqtt_port": broker.port,
-        "mqtt_client_id": "station-under-update",
-    }
-    station = set_up(tmp_path, releases, package_cache, backend=backend)
-    killer.append(station)
-    subscriber = Subscriber(broker.port, ["v1/devices/me/telemetry"], client_id="tb-server")
-    start(station)
+    station, backend, subscriber = (
+        connected_station.station,
+        connected_station.backend,
+        connected_station.subscriber,
+    )
     old_pids = {p.pid for p in station.processes()}
 
     def answers() -> list[dict[str, Any]]:
@@ -140,12 +130,12 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
     )
     received = delivered_data_identifiers(subscriber.items())
     assert sorted(received) == sorted(archived), "lost or duplicated across the switch"
-    subscriber.close()
 
 
 def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
-    station: ProductionStation,
+    production_station: ProductionStation,
 ) -> None:
+    station = production_station
     start(station)
     pids = {p.pid for p in station.processes()}
     broken = station.config_file("broken.json", BROKEN_TESTS, 3)
@@ -173,10 +163,11 @@ def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
 @pytest.mark.parametrize("step", ["download", "install", "tests"])
 def test_kill_9_of_the_main_loop_during_a_step_leaves_the_old_version_and_a_retry_succeeds(
     step: str,
-    station: ProductionStation,
+    production_station: ProductionStation,
     releases: Releases,
     https_server: int,  # noqa: F811
 ) -> None:
+    station = production_station
     start(station)
     changes: dict[str, Any] = {}
     stall = threading.Event()
@@ -229,11 +220,12 @@ def _everything_logged(root: str) -> str:
 
 
 def test_a_tarball_with_a_path_escaping_member_is_refused_by_the_running_station(
-    station: ProductionStation,
+    production_station: ProductionStation,
     releases: Releases,
     tmp_path: Any,
     https_server: int,  # noqa: F811
 ) -> None:
+    station = production_station
     station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
     start(station)
     Archives.archives = {
