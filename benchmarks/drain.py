@@ -42,7 +42,8 @@ STATION = "0b1f5a52-7c3e-4d2a-8f6b-3e9d1c2a4b5f"  # Tenta: the sensor UUID
 MAX_PARALLEL = 50
 
 
-def _config(port: int) -> dict[str, Any]:
+def tenta_config(port: int) -> dict[str, Any]:
+    """The template with the Tenta backend on a local broker at `port`."""
     with open(constants.CONFIG_TEMPLATE_PATH) as f:
         config: dict[str, Any] = json.load(f)
     config["general"]["system_identifier"] = STATION
@@ -139,7 +140,7 @@ def _last_index_at_or_above(samples: list[tuple[float, int]], depth: int) -> int
 def _raw_paho_rate(port: int, agent: MessagingAgent, count: int, per_publish: int) -> float:
     """Publish the same messages, `per_publish` items per publish as one JSON
     array, QoS 1, and wait for every PUBACK; messages per second."""
-    provider = TentaProvider(Config.model_validate(_config(port)))
+    provider = TentaProvider(Config.model_validate(tenta_config(port)))
     items = [
         item.decode() if isinstance(item, bytes) else json.dumps(item)
         for row in agent.get_oldest_rows(count)
@@ -189,7 +190,7 @@ def run_drain(quick: bool) -> Iterator[Figure]:
         tempfile.TemporaryDirectory(prefix="ivy-bench-drain-") as directory,
         Broker.running(os.path.join(directory, "broker")) as broker,
     ):
-        config = _config(broker.port)
+        config = tenta_config(broker.port)
         baseline_agent = _fill(os.path.join(directory, "baseline"), config, count)
         raw_rate = _raw_paho_rate(broker.port, baseline_agent, count, 1)
         raw_array_rate = _raw_paho_rate(broker.port, baseline_agent, count, 100)
@@ -222,7 +223,7 @@ def run_backlog(quick: bool) -> Iterator[Figure]:
         tempfile.TemporaryDirectory(prefix="ivy-bench-backlog-") as directory,
         Broker.running(os.path.join(directory, "broker")) as broker,
     ):
-        config = _config(broker.port)
+        config = tenta_config(broker.port)
         agent = _fill(directory, config, count)
         samples, peak_rss_mb = _drain_with_ivy(directory, config, agent, timeout=1_800)
     first = _rate_until(samples, 0, count - count // 10)
