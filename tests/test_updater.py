@@ -239,3 +239,14 @@ def test_a_config_that_fails_its_trial_is_rejected_and_the_previous_one_is_back(
     state = StateInterface.load()
     assert state.highest_handled_config_revision == 6 and 6 in state.rejected_config_revisions
     assert not os.path.exists(previous_config_path())
+
+
+def test_a_checkout_outside_a_production_root_refuses_version_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its queue would stay behind in the checkout's data directory."""
+    monkeypatch.delenv("IVY_DATA_DIR")
+    updater, agent = make_updater()
+    assert updater.handle(version_change(4, "9.9.9", GIT_SOURCE)) is None
+    reason = acknowledgements(agent)[-1]["reason"]
+    assert "is not a version directory under the root" in reason and "ivy setup" in reason

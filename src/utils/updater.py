@@ -478,6 +478,17 @@ class Updater:
         except ConfigError as e:
             self.reject(foreign_config, str(e))
             return None
+        in_root = os.path.dirname(constants.PROJECT_DIR) == constants.ROOT_DIR
+        if not in_root and not os.environ.get("IVY_DATA_DIR"):
+            # the new version would live under the root with a data directory
+            # of its own, and this queue would be left behind
+            self.reject(
+                foreign_config,
+                f"general.software_version: this installation ({constants.PROJECT_DIR}) is not "
+                f"a version directory under the root {constants.ROOT_DIR}, so another version "
+                "would not share its queue; install with `ivy setup` to update remotely",
+            )
+            return None
         if version.root in load_journal().bad_versions:
             self.reject(
                 foreign_config,
