@@ -136,6 +136,9 @@ def test_kill_9_during_a_trial_ends_on_one_version_with_no_message_lost(
     assert apply(station, path, wait=0).returncode == 0
 
     def pid_of(role: str) -> int | None:
+        candidate = _journal(station).get("candidate") or {}
+        if candidate.get("attempts", 0) < 1:
+            return None  # the guard has not started the candidate yet
         mainloop = station.state().get("mainloop", {})
         pid: int | None = mainloop.get("guard_pid")
         if role == "candidate":
