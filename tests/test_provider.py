@@ -350,3 +350,43 @@ def test_thingsboard_attributes() -> None:
     assert provider.config_in("v1/devices/me/attributes", b'{"other": 1}') is None
     broken = provider.config_in("v1/devices/me/attributes", b'{"configuration": "{no"}')
     assert broken is not None and "attribute configuration: not valid JSON" in (broken.error or "")
+
+
+@pytest.mark.parametrize("name", ["tenta", "thingsboard"])
+def test_every_update_answer_is_a_payload_the_server_accepts(name: str) -> None:
+    """The answers of a software update (each step, the switch, success,
+    failure with a long reason) and a status from another version all pass
+    the server's rules; ThingsBoard gets its OTA keys."""
+    raw = template_config_dict()
+    raw["general"]["software_version"] = "9.9.9"
+    raw["general"]["config_revision"] = 12
+    bodies = [
+        ConfigMessageBody.about("received", raw, software_update="DOWNLOADING"),
+        ConfigMessageBody.about(
+            "progress", raw, step="download", step_seconds=0.25, software_update="DOWNLOADED"
+        ),
+        ConfigMessageBody.about("progress", raw, step="install", step_seconds=1.5),
+        ConfigMessageBody.about("progress", raw, step="switch", software_update="UPDATING"),
+        ConfigMessageBody.about("accepted", raw, software_update="UPDATED"),
+        ConfigMessageBody.about(
+            "rejected", raw, "failed at tests:\n" + "x" * 30_000, software_update="FAILED"
+        ),
+    ]
+    rows = [row_of(i, body) for i, body in enumerate(bodies)]
+    another = json.loads(bodies[0].model_dump_json()) | {
+        "status": "paused-by-a-newer-version",
+        "software_update": None,
+    }
+    rows.append(QueueRow(len(rows), 1_700_000_100.0, "config", 12, json.dumps(another)))
+    publishes = checked(pack_rows(make_provider(name), rows, identifier))
+    items = [item for p in publishes for item in json.loads(p.payload())]
+    if name == "thingsboard":
+        states = [i["values"].get("sw_state") for i in items if "config_status" in i["values"]]
+        assert states == ["DOWNLOADING", "DOWNLOADED", None, "UPDATING", "UPDATED", "FAILED", None]
+        assert items[1]["values"]["config_step"] == "download"
+    else:
+        messages = [i["message"] for i in items if "message" in i]
+        assert "config revision 12: download done in 0.25 s (Ivy 9.9.9)" in messages
+        assert any("paused-by-a-newer-version" in m for m in messages)
+        acks = [i for i in items if "success" in i]
+        assert [a["success"] for a in acks] == [True, False]
