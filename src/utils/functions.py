@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import filelock
-
 from src import constants
 from src.types import LogLevel
+
+from .file_lock import file_lock
 
 _DATED_FILE_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})\.")
 
@@ -107,7 +107,7 @@ def with_automation_lock() -> Iterator[None]:
     lock is taken. Called by run.py (and by tests that must not run beside a
     station)."""
     os.makedirs(os.path.dirname(constants.MAINLOOP_LOCK_PATH), exist_ok=True)
-    with filelock.FileLock(constants.MAINLOOP_LOCK_PATH, timeout=0):
+    with file_lock(constants.MAINLOOP_LOCK_PATH, timeout=0):
         yield
 
 

@@ -10,6 +10,7 @@ consecutive crashes resets once a child has run for `stable_seconds`.
 from __future__ import annotations
 
 import ctypes
+import gc
 import inspect
 import multiprocessing
 import multiprocessing.connection
@@ -161,6 +162,9 @@ class LifecycleManager:
             name=f"{constants.NAME}-{self.name}",
             daemon=False,
         )
+        # the child's collector then never walks the objects inherited from the
+        # main loop, so their pages stay shared instead of being copied
+        gc.freeze()
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         try:
             self.process.start()

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import time
 
-import filelock
 import psutil
 
 from src import constants
 
+from .file_lock import file_lock
 from .state_interface import StateInterface
 
 SCRIPT_PATH: str = os.path.join(constants.PROJECT_DIR, "run.py")
@@ -31,13 +31,11 @@ def is_running() -> bool:
     """Whether any process of this installation is alive. Called by the CLI."""
     if not os.path.exists(constants.MAINLOOP_LOCK_PATH):
         return False
-    lock = filelock.FileLock(constants.MAINLOOP_LOCK_PATH, timeout=0)
     try:
-        lock.acquire()
-    except filelock.Timeout:
+        with file_lock(constants.MAINLOOP_LOCK_PATH, timeout=0):
+            return False
+    except TimeoutError:
         return True
-    lock.release()
-    return False
 
 
 def get_mainloop_pid() -> int | None:

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Iterator
 
-import filelock
 import pydantic
 
 from src import constants
@@ -21,6 +20,7 @@ from src.types import State
 from src.types.atomic_file import write_atomically
 from src.types.config import format_validation_error
 
+from .file_lock import file_lock
 from .logger import Logger
 
 _LOCK_TIMEOUT_SECONDS = 30
@@ -34,9 +34,9 @@ class StateInterface:
     """Static access to the state file; every process uses it directly."""
 
     @staticmethod
-    def _lock() -> filelock.FileLock:
+    def _lock() -> contextlib.AbstractContextManager[None]:
         os.makedirs(os.path.dirname(constants.STATE_LOCK_PATH), exist_ok=True)
-        return filelock.FileLock(constants.STATE_LOCK_PATH, timeout=_LOCK_TIMEOUT_SECONDS)
+        return file_lock(constants.STATE_LOCK_PATH, timeout=_LOCK_TIMEOUT_SECONDS)
 
     @staticmethod
     def load() -> State:
