@@ -31,15 +31,24 @@ def test_failed_update_writes_nothing() -> None:
     assert leftovers == []
 
 
-def test_corrupt_file_is_moved_aside_logged_and_replaced() -> None:
-    with open(constants.STATE_PATH, "w") as f:
-        f.write('{"mainloop": {"pid": "not a number"')
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"mainloop": {"pid": "not a number"',
+        # found by the chaos harness: bytes that are not UTF-8 made every reader
+        # of the state raise, and the station could not even start
+        b'{"mainloop": {"pid": \x00\xff not a number',
+    ],
+)
+def test_corrupt_file_is_moved_aside_logged_and_replaced(content: bytes) -> None:
+    with open(constants.STATE_PATH, "wb") as f:
+        f.write(content)
     state = StateInterface.load()
     assert state.mainloop.pid is None
     aside = [f for f in os.listdir(constants.DATA_DIR) if f.startswith("state.json.corrupt-")]
     assert len(aside) == 1
-    with open(os.path.join(constants.DATA_DIR, aside[0])) as f:
-        assert "not a number" in f.read()  # the evidence is kept
+    with open(os.path.join(constants.DATA_DIR, aside[0]), "rb") as f:
+        assert f.read() == content  # the evidence is kept
     logs = os.listdir(constants.LOGS_DIR)
     with open(os.path.join(constants.LOGS_DIR, logs[0])) as f:
         assert "state file could not be read and was moved to" in f.read()

@@ -67,11 +67,12 @@ class StateInterface:
     @staticmethod
     def _read_unlocked() -> State:
         try:
-            with open(constants.STATE_PATH, encoding="utf-8") as f:
+            with open(constants.STATE_PATH, "rb") as f:
                 content = f.read()
         except FileNotFoundError:
             return State()
         try:
+            # bytes: pydantic reports invalid UTF-8 as a validation error too
             return State.model_validate_json(content)
         except pydantic.ValidationError as e:
             aside = (
