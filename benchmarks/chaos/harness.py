@@ -1,0 +1,383 @@
+"""The chaos run: start a station, inject faults in an order drawn from a
+seed (every kind once, then at random until the duration is over), bring the
+world back, let the station deliver what it still holds, and count."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .broker import ChaosBroker, wait_for
+from .observers import Recorder, Sampler
+from .report import build_report
+from .station import PRODUCERS, STATION_IDENTIFIER, ChaosStation
+
+# Paho's longest reconnect delay in the backend (src/backend/mqtt_connection.py)
+BACKEND_LONGEST_BACKOFF_S = 60
+RECOVERY_TIMEOUT_S = 90
+BROKER_FAULTS = ("broker_blip", "broker_outage", "broker_amnesia", "queue_cap")
+FAULT_KINDS = (
+    "kill_procedure",
+    "kill_backend",
+    "kill_main",
+    *BROKER_FAULTS,
+    "corrupt_state",
+    "truncated_archive",
+    "full_disk",
+    "config_burst",
+    "clock_steps",
+)
+
+
+@dataclass
+class Settings:
+    """What one run does."""
+
+    seed: int = 11
+    duration_s: float = 100.0  # of injecting faults; the final drain comes on top
+    messages_per_second: float = 100.0
+    max_queued_messages: int = 1_000
+    faults: tuple[str, ...] = FAULT_KINDS
+    sample_interval_s: float = 2.0
+    data_tmpfs_mib: int = 64
+
+
+@dataclass
+class Run:
+    """The parts of one run and what happened in it."""
+
+    settings: Settings
+    station: ChaosStation
+    broker: ChaosBroker
+    recorder: Recorder
+    sampler: Sampler
+    rng: random.Random
+    started: float = field(default_factory=time.monotonic)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    outages: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    broker_thread: threading.Thread | None = None
+
+    def at(self) -> float:
+        """Seconds since the run started."""
+        return round(time.monotonic() - self.started, 2)
+
+
+def _producers_progress(station: ChaosStation) -> list[int]:
+    sizes = []
+    for producer in PRODUCERS:
+        try:
+            sizes.append(os.path.getsize(os.path.join(station.record_dir, f"{producer}.record")))
+        except OSError:
+            sizes.append(0)
+    return sizes
+
+
+def wait_recovered(run: Run) -> float:
+    """Seconds until the main loop, the backend and both producers run again
+    and each producer has recorded new messages; a problem when they do not
+    within RECOVERY_TIMEOUT_S."""
+    began = time.monotonic()
+    before = _producers_progress(run.station)
+    expected = {"main", "backend", *PRODUCERS}
+
+    def recovered() -> bool:
+        roles = run.station.processes()
+        growing = all(
+            now > then for now, then in zip(_producers_progress(run.station), before, strict=True)
+        )
+        return expected <= set(roles) and growing
+
+    try:
+        wait_for(recovered, RECOVERY_TIMEOUT_S, "the station to recover")
+    except RuntimeError as e:
+        run.problems.append(f"{run.at()} s: {e} (processes: {sorted(run.station.processes())})")
+    return round(time.monotonic() - began, 2)
+
+
+# --- faults --------------------------------------------------------------------
+
+
+def kill_role(run: Run, roles: list[str]) -> dict[str, Any]:
+    """SIGKILL one process of the given roles, chosen by the seed."""
+    found = run.station.processes()
+    present = [role for role in roles if role in found]
+    if not present:
+        return {"skipped": f"none of {roles} running"}
+    role = run.rng.choice(sorted(present))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(found[role].pid, signal.SIGKILL)
+    return {"killed": role, "pid": found[role].pid}
+
+
+def kill_main(run: Run) -> dict[str, Any]:
+    """SIGKILL the main loop (its children follow it), then `ivy start` after a
+    pause, as cron would."""
+    killed = kill_role(run, ["main"])
+    wait_for(lambda: run.station.main_process() is None, 30, "the main loop to die")
+    time.sleep(run.rng.uniform(0.5, 3.0))
+    run.station.start()
+    return killed
+
+
+def _broker_down(run: Run, kind: str, seconds: float, amnesia: bool) -> None:
+    down = run.at()
+    run.broker.stop()
+    time.sleep(seconds)
+    if amnesia:
+        count = run.recorder.subscription_count()
+        run.broker.restart_without_persistence(lambda: run.recorder.subscription_count() > count)
+    else:
+        run.broker.start()
+    back = time.monotonic()
+    run.outages.append(
+        {"kind": kind, "down_at_s": down, "seconds": round(seconds, 1), "back": back}
+    )
+
+
+def broker_fault(run: Run, kind: str) -> dict[str, Any]:
+    """Stop the broker in the background (one outage at a time): a blip of a
+    few seconds, an outage longer than the backend's longest backoff, a
+    restart without persistence, or an outage long enough for the producers
+    to fill the queue past its cap."""
+    seconds = {
+        "broker_blip": run.rng.uniform(2, 6),
+        "broker_outage": BACKEND_LONGEST_BACKOFF_S + run.rng.uniform(5, 10),
+        "broker_amnesia": run.rng.uniform(2, 6),
+        "queue_cap": 1.5 * run.settings.max_queued_messages / run.settings.messages_per_second,
+    }[kind]
+    wait_broker_up(run)
+    run.broker_thread = threading.Thread(
+        target=_broker_down, args=(run, kind, seconds, kind == "broker_amnesia"), daemon=True
+    )
+    run.broker_thread.start()
+    return {"broker_down_s": round(seconds, 1)}
+
+
+def wait_broker_up(run: Run) -> None:
+    """Wait for a background outage to end."""
+    if run.broker_thread is not None:
+        run.broker_thread.join()
+        run.broker_thread = None
+
+
+def corrupt_state(run: Run) -> dict[str, Any]:
+    """Overwrite state.json with bytes that are not JSON."""
+    path = os.path.join(run.station.data_dir, "state.json")
+    with open(path, "wb") as f:
+        f.write(b'{"mainloop": {"pid": \x00\xff garbage')
+    return {"path": "state.json"}
+
+
+def truncated_archive(run: Run) -> dict[str, Any]:
+    """Kill the main loop and leave the newest archive file ending in half a
+    line, as a power loss during an append does (the line's rows are not
+    marked archived, so the station writes them again), then start again."""
+    killed = kill_role(run, ["main"])
+    wait_for(lambda: run.station.main_process() is None, 30, "the main loop to die")
+    directory = os.path.join(run.station.data_dir, "messages")
+    archives = sorted(
+        (os.path.join(directory, name) for name in os.listdir(directory)), key=os.path.getmtime
+    )
+    torn = b""
+    if archives:
+        with open(archives[-1], "rb+") as f:
+            lines = f.read().splitlines()
+            torn = lines[-1][: len(lines[-1]) // 2] if lines else b'{"identifier":"'
+            f.write(torn)
+    run.station.start()
+    return {**killed, "torn_bytes": len(torn)}
+
+
+def full_disk(run: Run) -> dict[str, Any]:
+    """Fill the data directory's tmpfs, hold it full for a few seconds, free it."""
+    if not run.station.mounted:
+        return {"skipped": run.station.full_disk_unavailable}
+    ballast = os.path.join(run.station.data_dir, "ballast")
+    chunk = b"\0" * 2**16
+    with open(ballast, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(chunk)
+                f.flush()
+    held = run.rng.uniform(4, 8)
+    time.sleep(held)
+    os.remove(ballast)
+    return {"held_full_s": round(held, 1)}
+
+
+def _publish(port: int, messages: list[tuple[str, bytes, bool]]) -> None:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="chaos-ops")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic, payload, retain in messages:
+            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(20)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def config_burst(run: Run) -> dict[str, Any]:
+    """Under load, publish invalid and replayed configs on the config topic,
+    then one valid new revision; it must be accepted."""
+    wait_broker_up(run)
+    topic = f"configurations/{STATION_IDENTIFIER}"
+    station = run.station
+    current = station.revision
+    valid = {k: v for k, v in station.config.items()}
+
+    def envelope(revision: Any, configuration: Any) -> bytes:
+        return json.dumps({"revision": revision, "configuration": configuration}).encode()
+
+    hostile = [
+        b"\xff\xfe not json",
+        b"[1, 2, 3]",
+        b'{"revision": "seven", "configuration": {}}',
+        envelope(current + 1, "a string"),
+        envelope(2**40, valid),
+        envelope(current + 1, {**valid, "storage": {"max_queued_messages": -5}}),
+        envelope(current + 1, {**valid, "surprise": True}),
+        envelope(current, valid),  # a replay of the running revision
+        envelope(max(current - 1, 0), valid),  # an older revision
+        b"{" * 100_000,
+    ]
+    messages = [(topic, payload, run.rng.random() < 0.5) for payload in hostile]
+    run.rng.shuffle(messages)
+    station.revision = current + 1
+    messages.append((topic, envelope(station.revision, valid), True))
+    sent = time.monotonic()
+    _publish(run.broker.port, messages)
+    try:
+        wait_for(
+            lambda: run.recorder.accepted_at(station.revision) is not None,
+            120,
+            f"config revision {station.revision} to be accepted",
+        )
+    except RuntimeError as e:
+        run.problems.append(f"{run.at()} s: {e}")
+    accepted = run.recorder.accepted_at(station.revision)
+    return {
+        "hostile": len(hostile),
+        "valid_revision": station.revision,
+        "accepted_after_s": round(accepted - sent, 2) if accepted else None,
+    }
+
+
+def clock_steps(run: Run) -> dict[str, Any]:
+    """Step the station's wall clock an hour back, then an hour ahead of real
+    time, then back to real time."""
+    steps = [-3600.0, 3600.0, 0.0]
+    for offset in steps:
+        run.station.set_clock_offset(offset)
+        time.sleep(run.rng.uniform(5, 10) if offset else 0)
+    return {"offsets_s": steps}
+
+
+def _kill_procedure(run: Run) -> dict[str, Any]:
+    return kill_role(run, list(PRODUCERS))
+
+
+def _kill_backend(run: Run) -> dict[str, Any]:
+    return kill_role(run, ["backend"])
+
+
+FAULTS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "kill_procedure": _kill_procedure,
+    "kill_backend": _kill_backend,
+    "kill_main": kill_main,
+    "corrupt_state": corrupt_state,
+    "truncated_archive": truncated_archive,
+    "full_disk": full_disk,
+    "config_burst": config_burst,
+    "clock_steps": clock_steps,
+    **{kind: functools.partial(broker_fault, kind=kind) for kind in BROKER_FAULTS},
+}
+
+
+def _inject(run: Run, kind: str) -> None:
+    at = run.at()
+    began = time.monotonic()
+    try:
+        details = FAULTS[kind](run)
+    except Exception as e:  # the harness's own trouble is reported, not hidden
+        details = {"error": f"{type(e).__name__}: {e}"}
+        run.problems.append(f"{at} s: {kind} failed: {e}")
+    event = {"kind": kind, "at_s": at, "took_s": round(time.monotonic() - began, 2), **details}
+    if kind not in BROKER_FAULTS and "skipped" not in details:
+        event["recovered_after_s"] = wait_recovered(run)
+    run.events.append(event)
+    print(json.dumps(event), flush=True)
+
+
+def _drain_and_stop(run: Run) -> None:
+    """Bring everything back, stop the producers (a restart with their sections
+    removed) and let the backend send what is queued."""
+    wait_broker_up(run)
+    run.station.set_clock_offset(0.0)
+    run.station.stop()
+    quiet = {**run.station.config, **dict.fromkeys(PRODUCERS)}
+    quiet["general"] = {**quiet["general"], "config_revision": run.station.revision}
+    run.station.write_config(quiet)
+    run.station.start()
+    try:
+        wait_for(lambda: (run.station.queue_counts() or (1, 0))[0] == 0, 300, "an empty queue")
+    except RuntimeError as e:
+        run.problems.append(f"final drain: {e}")
+    run.sampler.sample()
+    run.station.stop()
+    time.sleep(2)  # the last PUBLISHes reach the recorder
+
+
+def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
+    """One whole run; the report (see `report.build_report`)."""
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="ivy-chaos-"))
+        broker = ChaosBroker(os.path.join(scratch, "broker"))
+        broker.start()
+        stack.callback(broker.stop)
+        recorder = Recorder(broker.recorder_port)
+        stack.callback(recorder.close)
+        station = ChaosStation(
+            os.path.join(scratch, "station"),
+            broker.port,
+            settings.messages_per_second,
+            settings.max_queued_messages,
+            settings.data_tmpfs_mib,
+        )
+        stack.callback(station.unmount)
+        stack.callback(_kill_everything, station)
+        station.start()
+        sampler = Sampler(station, settings.sample_interval_s)
+        run = Run(settings, station, broker, recorder, sampler, random.Random(settings.seed))
+        first_pass = list(settings.faults)
+        run.rng.shuffle(first_pass)
+        deadline = run.started + settings.duration_s
+        while first_pass or time.monotonic() < deadline:
+            time.sleep(run.rng.uniform(1.0, 4.0))
+            kind = first_pass.pop() if first_pass else run.rng.choice(settings.faults)
+            _inject(run, kind)
+        _drain_and_stop(run)
+        samples = sampler.stop()
+        return build_report(run, samples)
+    raise AssertionError("not reached")
+
+
+def _kill_everything(station: ChaosStation) -> None:
+    for process in station.processes().values():
+        with contextlib.suppress(Exception):
+            process.kill()
