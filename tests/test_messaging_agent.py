@@ -119,6 +119,24 @@ def test_archive_skips_torn_lines_and_duplicates() -> None:
     assert len(agent.load_message_archive("2023-11-14")) == 1
 
 
+def test_a_flush_after_a_torn_line_starts_a_line_of_its_own() -> None:
+    # the chaos harness's torn-archive fault: the next append was glued to the torn half,
+    # and its first message was lost to every archive reader
+    agent = MessagingAgent()
+    agent.add_message(data(1), timestamp=1_700_000_000.0)
+    agent.flush_archive()
+    path = os.path.join(constants.MESSAGE_ARCHIVE_DIR, "2023-11-14.jsonl")
+    with open(path, "a") as f:
+        f.write('{"identifier": "torn", "timest')  # a power loss mid-append
+    agent.add_messages([data(2), data(3)], timestamp=1_700_000_001.0)
+    agent.flush_archive()
+    assert [m.body for m in agent.load_message_archive("2023-11-14")] == [
+        data(1),
+        data(2),
+        data(3),
+    ]
+
+
 def test_cap_drops_oldest_data_first_and_counts() -> None:
     agent = MessagingAgent(capped_config(1000))
     agent.add_message(

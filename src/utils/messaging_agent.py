@@ -433,9 +433,14 @@ class MessagingAgent:
 
     def _append_to_archive_file(self, date: str, lines: list[str]) -> None:
         path = os.path.join(self.archive_dir, f"{date}.jsonl")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, ("\n".join(lines) + "\n").encode())
+            # a power loss or a full disk during an earlier append can leave
+            # half a line; ours must start on a line of its own, or the first
+            # of them would be glued to that half and lost to every reader
+            size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            os.write(fd, ("\n" if torn else "").encode() + ("\n".join(lines) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
