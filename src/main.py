@@ -5,6 +5,7 @@ the procedures produced) on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing.connection
 import os
@@ -41,7 +42,8 @@ _ARCHIVE_FLUSH_INTERVAL = 2.0
 _HEARTBEAT_INTERVAL = 10.0
 _DROP_REPORT_INTERVAL = 60.0
 _RETENTION_INTERVAL = 3600.0
-_MAX_ERROR_BACKOFF = 300.0
+# short: a failed iteration also postpones restarting dead children
+_MAX_ERROR_BACKOFF = 30.0
 
 
 @dataclass
@@ -127,6 +129,18 @@ class Mainloop:
     def run(self) -> str | None:
         """Run until SIGTERM or SIGINT, or until a software update is ready,
         then tear down; return the version to hand over to, if any."""
+        try:
+            return self._run()
+        except BaseException as e:
+            # the children must not outlive a main loop that failed: a process
+            # waiting for them at exit holds the lock, and no restart by cron
+            # or systemd could take over (found by the chaos harness)
+            self.logger.exception(e, "the main loop failed; stopping its children")
+            with contextlib.suppress(Exception):
+                self.stop_children()
+            raise
+
+    def _run(self) -> str | None:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.logger.info(

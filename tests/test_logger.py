@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
 
+from src import constants
 from src.types import Config
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
@@ -87,3 +89,16 @@ def test_without_config_defaults_apply_and_nothing_is_sent() -> None:
     Logger(None, "early").warning("no config yet")
     assert "early - WARNING - no config yet" in log_file_content()
     assert MessagingAgent().get_queue_depth() == 0
+
+
+def test_an_unwritable_log_file_never_raises(capsys: Any) -> None:
+    # the chaos harness's full disk: the main loop's error handler raised,
+    # ended the main loop and left its children unsupervised
+    os.makedirs(os.path.dirname(constants.LOGS_DIR), exist_ok=True)
+    with open(constants.LOGS_DIR, "w"):  # a file where the directory should be
+        pass
+    logger = Logger(config_with(console_prints=None, file_archive="INFO"), "tester")
+    logger.info("still here")
+    logger.exception(OSError(28, "No space left on device"), "failed")
+    err = capsys.readouterr().err
+    assert "log file not writable" in err and "still here" in err

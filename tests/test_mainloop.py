@@ -41,3 +41,21 @@ def test_a_hundred_reconfigurations_leak_nothing_and_use_the_new_config() -> Non
     assert mainloop.updater.messaging_agent is mainloop.messaging_agent
     newest = mainloop.messaging_agent.get_n_latest_messages(1_000)[-1]
     assert newest.config_revision == 100  # messages carry the new revision
+
+
+def test_a_failing_main_loop_stops_its_children_before_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the chaos harness's full disk: a main loop that failed waited at exit
+    # for children nobody stopped, holding the lock, so no restart took over
+    mainloop = Mainloop(config_with(0, 1_000))
+
+    def fail_after_starting_children() -> None:
+        mainloop.start_children()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mainloop, "_run", fail_after_starting_children)
+    with pytest.raises(OSError, match="No space left"):
+        mainloop.run()
+    assert mainloop.managers == []
+    assert psutil.Process().children() == []

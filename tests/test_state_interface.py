@@ -47,11 +47,11 @@ def test_corrupt_file_is_moved_aside_logged_and_replaced(content: bytes) -> None
     assert state.mainloop.pid is None
     aside = [f for f in os.listdir(constants.DATA_DIR) if f.startswith("state.json.corrupt-")]
     assert len(aside) == 1
-    with open(os.path.join(constants.DATA_DIR, aside[0]), "rb") as f:
-        assert f.read() == content  # the evidence is kept
+    with open(os.path.join(constants.DATA_DIR, aside[0]), "rb") as kept:
+        assert kept.read() == content  # the evidence is kept
     logs = os.listdir(constants.LOGS_DIR)
-    with open(os.path.join(constants.LOGS_DIR, logs[0])) as f:
-        assert "state file could not be read and was moved to" in f.read()
+    with open(os.path.join(constants.LOGS_DIR, logs[0])) as log:
+        assert "state file could not be read and was moved to" in log.read()
     with StateInterface.update() as s:
         s.mainloop.pid = 5
     assert StateInterface.load().mainloop.pid == 5

@@ -21,6 +21,7 @@ def main() -> int:
         "--faults", default=",".join(FAULT_KINDS), help=f"of {', '.join(FAULT_KINDS)}"
     )
     parser.add_argument("--report", help="also write the report to this file")
+    parser.add_argument("--scratch", help="run in this directory and keep it (default: a temp dir)")
     arguments = parser.parse_args()
     faults = tuple(kind for kind in arguments.faults.split(",") if kind)
     unknown = set(faults) - set(FAULT_KINDS)
@@ -34,7 +35,8 @@ def main() -> int:
             max_queued_messages=arguments.max_queued,
             faults=faults,
             sample_interval_s=arguments.sample_interval,
-        )
+        ),
+        arguments.scratch,
     )
     text = json.dumps(report, indent=2)
     print(text)

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -344,6 +345,7 @@ def _drain_and_stop(run: Run) -> None:
 
 def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
     """One whole run; the report (see `report.build_report`)."""
+    kept = scratch is not None
     with contextlib.ExitStack() as stack:
         if scratch is None:
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="ivy-chaos-"))
@@ -360,6 +362,10 @@ def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
             settings.data_tmpfs_mib,
         )
         stack.callback(station.unmount)
+        if kept:  # the data directory's tmpfs goes with the run: keep a copy
+            stack.callback(
+                shutil.copytree, station.data_dir, station.data_dir + "-kept", dirs_exist_ok=True
+            )
         stack.callback(_kill_everything, station)
         station.start()
         sampler = Sampler(station, settings.sample_interval_s)

@@ -7,6 +7,7 @@ Every secret of the config is replaced before a line leaves the process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -117,15 +118,23 @@ class Logger:
             self._send(level, message, details)
 
     def _write_to_file(self, now: float, text: str) -> None:
-        os.makedirs(constants.LOGS_DIR, exist_ok=True)
-        # one write() on an O_APPEND descriptor: lines of concurrent processes
-        # never interleave
-        path = current_log_file_path(now)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # logging never raises: a full disk once made the main loop's error
+        # handler raise, which ended the main loop and left its children
+        # unsupervised (found by the chaos harness)
         try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+            os.makedirs(constants.LOGS_DIR, exist_ok=True)
+            # one write() on an O_APPEND descriptor: lines of concurrent
+            # processes never interleave
+            path = current_log_file_path(now)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"log file not writable ({e}): {text}")
+                sys.stderr.flush()
 
     def _send(self, level: LogLevel, message: str, details: str) -> None:
         if self._sending:  # a failure while sending must not recurse

@@ -440,7 +440,13 @@ class MessagingAgent:
             # of them would be glued to that half and lost to every reader
             size = os.fstat(fd).st_size
             torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-            os.write(fd, ("\n" if torn else "").encode() + ("\n".join(lines) + "\n").encode())
+            content = memoryview(
+                ("\n" if torn else "").encode() + ("\n".join(lines) + "\n").encode()
+            )
+            # a nearly full disk takes part of a write without an error; the
+            # rest must raise (ENOSPC), or the batch would count as archived
+            while content:
+                content = content[os.write(fd, content) :]
             os.fsync(fd)
         finally:
             os.close(fd)
