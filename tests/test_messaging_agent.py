@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -135,6 +136,31 @@ def test_a_flush_after_a_torn_line_starts_a_line_of_its_own() -> None:
         data(2),
         data(3),
     ]
+
+
+def test_a_short_write_on_a_full_disk_does_not_count_as_archived(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the chaos harness's full disk: the kernel took part of the batch, the
+    # rest was never written, and the batch still counted as archived
+    agent = MessagingAgent()
+    agent.add_messages([data(i) for i in range(3)], timestamp=1_700_000_000.0)
+    real_write = os.write
+    calls: list[int] = []
+
+    def nearly_full(fd: int, content: Any) -> int:
+        calls.append(len(content))
+        if len(calls) == 1:
+            return real_write(fd, bytes(content)[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", nearly_full)
+    with pytest.raises(OSError, match="No space left"):
+        agent.flush_archive()
+    monkeypatch.setattr(os, "write", real_write)
+    agent.flush_archive()
+    archived = agent.load_message_archive("2023-11-14", archive_dir=None)
+    assert [m.body for m in archived] == [data(0), data(1), data(2)]
 
 
 def test_cap_drops_oldest_data_first_and_counts() -> None:
