@@ -163,6 +163,19 @@ def test_a_short_write_on_a_full_disk_does_not_count_as_archived(
     assert [m.body for m in archived] == [data(0), data(1), data(2)]
 
 
+def test_a_dropped_row_the_broker_acknowledged_after_all_is_not_counted_dropped() -> None:
+    # the chaos harness: rows in flight when the cap dropped them were
+    # delivered on reconnect, and the count of drops said they were lost
+    agent = MessagingAgent(capped_config(1000))
+    agent.add_messages([data(i) for i in range(1000)])
+    in_flight = [row.id for row in agent.get_oldest_rows(50)]
+    agent.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops the oldest
+    dropped = agent.get_dropped_count()
+    assert dropped >= 100
+    agent.remove_messages(in_flight)  # their PUBACKs arrive
+    assert agent.get_dropped_count() == dropped - 50
+
+
 def test_cap_drops_oldest_data_first_and_counts() -> None:
     agent = MessagingAgent(capped_config(1000))
     agent.add_message(

@@ -169,10 +169,18 @@ def broker_fault(run: Run, kind: str) -> dict[str, Any]:
 
 
 def wait_broker_up(run: Run) -> None:
-    """Wait for a background outage to end."""
+    """Wait for a background outage to end and for the station to send its
+    backlog (so that the next outage's delivery delay is its own)."""
     if run.broker_thread is not None:
         run.broker_thread.join()
         run.broker_thread = None
+        steady = 2 * run.settings.messages_per_second + 100
+        with contextlib.suppress(RuntimeError):
+            wait_for(
+                lambda: (run.station.queue_counts() or (0, 0))[0] <= steady,
+                RECOVERY_TIMEOUT_S,
+                "the backlog to be sent",
+            )
 
 
 def corrupt_state(run: Run) -> dict[str, Any]:

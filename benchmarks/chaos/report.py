@@ -44,9 +44,12 @@ def oldest_first_violations(
     outages: list[dict[str, Any]],
 ) -> int:
     """Messages the size cap dropped although an older message of the same
-    producer, queued at the same time, was kept. For each outage (from its
-    start S to the broker's return R): of one incarnation's messages produced
-    before R and not delivered before S, the missing ones must be the oldest."""
+    producer that was queued with it was kept. For each outage (from its start
+    S to the broker's return R), take one incarnation's messages produced
+    before R and not delivered before S in order: once the missing ones begin,
+    a kept one must not be followed by another missing one. (Kept messages
+    before the first missing one are those in flight when the cap dropped the
+    rest: the broker had them already.)"""
     violations = 0
     for outage in outages:
         began = outage["back"] - outage["seconds"]
@@ -58,11 +61,13 @@ def oldest_first_violations(
                 by_incarnation[key[0]].append((key[1], arrival is None))
         for messages in by_incarnation.values():
             messages.sort()
-            seen_kept = False
+            dropping, kept_after_drops = False, False
             for _, missing in messages:
-                if missing and seen_kept:
-                    violations += 1
-                seen_kept = seen_kept or not missing
+                if missing:
+                    violations += kept_after_drops
+                    dropping = True
+                elif dropping:
+                    kept_after_drops = True
     return violations
 
 

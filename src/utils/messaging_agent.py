@@ -334,9 +334,12 @@ class MessagingAgent:
 
     def remove_messages(self, message_ids: Iterable[int]) -> None:
         """Delete rows whose delivery the broker has acknowledged (archiving them
-        first if the main loop has not yet). Ids that are already gone (dropped
-        by the size cap) are ignored. Called by the backend."""
-        message_ids = list(message_ids)
+        first if the main loop has not yet). An id that is already gone was
+        dropped by the size cap while it was in flight: it reached the broker
+        after all, so it no longer counts as dropped (the count stays exact:
+        what it says was dropped is what the broker never got). Called by the
+        backend."""
+        message_ids = list(set(message_ids))
         if not message_ids:
             return
         with self._transaction():
@@ -350,6 +353,8 @@ class MessagingAgent:
                     chunk,
                 ).rowcount
             self._add_to_counter("removed", removed)
+            if removed < len(message_ids):
+                self._add_to_counter("dropped", removed - len(message_ids))
 
     # --- inspecting -------------------------------------------------------------
 
