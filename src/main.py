@@ -51,16 +51,23 @@ class ConfigTrial:
     """A config of this version applied and not yet proven healthy."""
 
     foreign_config: ForeignConfig
-    started_at: float
+    started_at: float  # unix time: what the children's reports are compared with
     settings: TrialConfig
     needs_broker: bool
+    # the deadline runs on the monotonic clock, so that a wall clock stepped
+    # ahead does not end a trial early (or stepped back, late)
+    started_monotonic: float
 
     @staticmethod
     def of(config: Config, started_at: float) -> ConfigTrial:
         """The trial of `config` (whose children started after `started_at`),
         by its own trial settings."""
         return ConfigTrial(
-            config.to_foreign_config(), started_at, config.trial, config.backend is not None
+            config.to_foreign_config(),
+            started_at,
+            config.trial,
+            config.backend is not None,
+            time.monotonic() - max(0.0, time.time() - started_at),
         )
 
 
@@ -200,7 +207,7 @@ class Mainloop:
             manager.supervise()
         self._poll_update()
         self._apply_pending_configs()
-        now = time.time()
+        now = time.monotonic()  # intervals must not stretch when the wall clock is stepped
         if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
             self.messaging_agent.flush_archive()
         if self._due("retention", _RETENTION_INTERVAL, now):
@@ -225,9 +232,9 @@ class Mainloop:
             time.sleep(timeout)
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
-        deadline = time.time() + seconds
-        while not self.stop_requested and time.time() < deadline:
-            time.sleep(min(_MAX_WAIT_SECONDS, deadline - time.time()))
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < deadline:
+            time.sleep(min(_MAX_WAIT_SECONDS, deadline - time.monotonic()))
 
     def _acknowledge_startup(self) -> None:
         revealed = json.loads(self.config.to_json(reveal_secrets=True))
@@ -305,7 +312,7 @@ class Mainloop:
             return
         fatal = fatal_problem(state)
         deadline = trial.settings.deadline_seconds
-        if fatal is None and now - trial.started_at < deadline:
+        if fatal is None and time.monotonic() - trial.started_monotonic < deadline:
             return
         reason = fatal or f"not healthy {deadline} s after the change: {problem}"
         previous = self.updater.reject_tried_config(trial.foreign_config, reason)

@@ -180,3 +180,24 @@ def test_the_reference_api_of_the_lifecycle_manager() -> None:
     finally:
         manager.teardown()
     assert not manager.is_alive() and not manager.procedure_is_running()
+
+
+def test_a_wall_clock_stepped_back_after_a_crash_does_not_postpone_the_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the chaos harness's clock steps: the restart was scheduled in wall-clock
+    # time, so an NTP step back of an hour postponed it by an hour
+    manager = make_manager(sleeping_procedure)
+    manager.start_procedure()
+    try:
+        pid = manager.status().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not manager.is_alive(), 10)
+        manager.check_procedure_status()  # the crash is noticed, the restart scheduled
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+        assert wait_until(lambda: (manager.supervise(), manager.restarts)[1] == 1, 10)
+        assert manager.is_alive()
+    finally:
+        teardown_in_parallel([manager])

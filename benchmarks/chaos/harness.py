@@ -241,33 +241,35 @@ def _publish(port: int, messages: list[tuple[str, bytes, bool]]) -> None:
 
 
 def config_burst(run: Run) -> dict[str, Any]:
-    """Under load, publish invalid and replayed configs on the config topic,
-    then one valid new revision; it must be accepted."""
+    """Under load, publish invalid configs and replays of old revisions on the
+    config topic, then one valid new revision, which must be accepted; then
+    replay that one and the invalid one: neither may be answered again."""
     wait_broker_up(run)
     topic = f"configurations/{STATION_IDENTIFIER}"
     station = run.station
     current = station.revision
-    valid = {k: v for k, v in station.config.items()}
+    valid = dict(station.config)
 
     def envelope(revision: Any, configuration: Any) -> bytes:
         return json.dumps({"revision": revision, "configuration": configuration}).encode()
 
+    broken = envelope(current + 1, {**valid, "storage": {"max_queued_messages": -5}})
     hostile = [
         b"\xff\xfe not json",
         b"[1, 2, 3]",
         b'{"revision": "seven", "configuration": {}}',
         envelope(current + 1, "a string"),
         envelope(2**40, valid),
-        envelope(current + 1, {**valid, "storage": {"max_queued_messages": -5}}),
+        broken,
         envelope(current + 1, {**valid, "surprise": True}),
-        envelope(current, valid),  # a replay of the running revision
         envelope(max(current - 1, 0), valid),  # an older revision
         b"{" * 100_000,
     ]
     messages = [(topic, payload, run.rng.random() < 0.5) for payload in hostile]
     run.rng.shuffle(messages)
-    station.revision = current + 1
-    messages.append((topic, envelope(station.revision, valid), True))
+    station.revision = current + 2
+    accepted_config = envelope(station.revision, valid)
+    messages.append((topic, accepted_config, True))
     sent = time.monotonic()
     _publish(run.broker.port, messages)
     try:
@@ -279,21 +281,45 @@ def config_burst(run: Run) -> dict[str, Any]:
     except RuntimeError as e:
         run.problems.append(f"{run.at()} s: {e}")
     accepted = run.recorder.accepted_at(station.revision)
+    answers = run.recorder.answer_count()
+    _publish(run.broker.port, [(topic, broken, False), (topic, accepted_config, True)])
+    time.sleep(5)
+    replays_answered = run.recorder.answer_count() - answers
+    if replays_answered:
+        run.problems.append(f"{run.at()} s: {replays_answered} replayed config(s) answered")
     return {
         "hostile": len(hostile),
         "valid_revision": station.revision,
         "accepted_after_s": round(accepted - sent, 2) if accepted else None,
+        "replays_answered": replays_answered,
     }
 
 
 def clock_steps(run: Run) -> dict[str, Any]:
     """Step the station's wall clock an hour back, then an hour ahead of real
-    time, then back to real time."""
-    steps = [-3600.0, 3600.0, 0.0]
-    for offset in steps:
-        run.station.set_clock_offset(offset)
-        time.sleep(run.rng.uniform(5, 10) if offset else 0)
-    return {"offsets_s": steps}
+    time, then back to real time. Right before the step back a producer is
+    killed: its restart, scheduled just before the step, must not wait for
+    the clock to catch up."""
+    killed = kill_role(run, list(PRODUCERS))
+    time.sleep(0.05)  # the main loop notices the death and schedules the restart
+    run.station.set_clock_offset(-3600.0)
+    before = _producers_progress(run.station)
+    hold = run.rng.uniform(5, 10)
+    began = time.monotonic()
+    restarted_after: float | None = None
+    while time.monotonic() - began < hold:
+        now = _producers_progress(run.station)
+        if restarted_after is None and all(a > b for a, b in zip(now, before, strict=True)):
+            restarted_after = round(time.monotonic() - began, 2)
+        time.sleep(0.1)
+    if restarted_after is None:
+        run.problems.append(
+            f"{run.at()} s: a producer killed as the clock stepped back stayed down"
+        )
+    run.station.set_clock_offset(3600.0)
+    time.sleep(run.rng.uniform(5, 10))
+    run.station.set_clock_offset(0.0)
+    return {**killed, "offsets_s": [-3600.0, 3600.0, 0.0], "restarted_after_s": restarted_after}
 
 
 def _kill_procedure(run: Run) -> dict[str, Any]:

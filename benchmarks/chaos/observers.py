@@ -105,6 +105,11 @@ class Recorder:
                 None,
             )
 
+    def answer_count(self) -> int:
+        """Acknowledgments received so far."""
+        with self.lock:
+            return len(self.acknowledgments)
+
     def close(self) -> None:
         """Disconnect."""
         self.client.disconnect()

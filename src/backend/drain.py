@@ -94,12 +94,12 @@ class Drainer:
                 self._release_held_rows()
                 self._publish_connection_state()
                 if deadline is None and teardown_indicator.is_set():
-                    deadline = time.time() + self.backend.max_drain_time
+                    deadline = time.monotonic() + self.backend.max_drain_time
                     self.logger.info(
                         f"draining {self.messaging_agent.get_queue_depth()} queued message(s) "
                         f"for at most {self.backend.max_drain_time} s before stopping"
                     )
-                if deadline is not None and (self._drained() or time.time() >= deadline):
+                if deadline is not None and (self._drained() or time.monotonic() >= deadline):
                     break
                 published = self._publish_more() if self.connection.is_connected() else False
                 if not published:
@@ -168,7 +168,7 @@ class Drainer:
         else:
             attempts = self.hold_attempts[rows[0]] = self.hold_attempts.get(rows[0], 0) + 1
             delay = capped_exponential_delay(attempts, 1.0, _MAX_REFUSAL_BACKOFF)
-            self.held_rows[rows[0]] = time.time() + delay
+            self.held_rows[rows[0]] = time.monotonic() + delay
             self.logger.warning(
                 f"the broker refuses even the error form of message "
                 f"{self.messaging_agent.identifier_of(rows[0])} ({reason}); "
@@ -231,7 +231,7 @@ class Drainer:
     def _release_held_rows(self) -> None:
         if not self.held_rows:
             return
-        now = time.time()
+        now = time.monotonic()
         due = {row_id for row_id, at in self.held_rows.items() if at <= now}
         if due:
             for row_id in due:

@@ -121,7 +121,10 @@ class LifecycleManager:
         self.teardown_indicator: multiprocessing.synchronize.Event = _CONTEXT.Event()
         self.process: multiprocessing.process.BaseProcess | None = None
         self.error_reader: multiprocessing.connection.Connection | None = None
-        self.started_at: float | None = None
+        self.started_at: float | None = None  # unix time, for status and health
+        # durations and schedules use the monotonic clock: a wall clock stepped
+        # back by NTP would otherwise postpone a restart by the step
+        self.started_monotonic: float | None = None
         self.restarts = 0
         self.consecutive_crashes = 0
         self.crash_loop_reported = False
@@ -143,11 +146,12 @@ class LifecycleManager:
 
     def check_procedure_status(self, now: float | None = None) -> None:
         """Notice a child that died: record and log why, and schedule its
-        restart with backoff. RuntimeError when it was never started."""
+        restart with backoff (`now`: `time.monotonic()`). RuntimeError when it
+        was never started."""
         if self.process is None:
             raise RuntimeError(f"{self.name} has not been started")
         if not self.tearing_down and not self.process.is_alive() and self.next_start_at is None:
-            self._record_crash(time.time() if now is None else now)
+            self._record_crash(time.monotonic() if now is None else now)
 
     def _fork(self) -> None:
         reader, writer = _CONTEXT.Pipe(duplex=False)
@@ -173,6 +177,7 @@ class LifecycleManager:
         writer.close()
         self.error_reader = reader
         self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
         self.next_start_at = None
 
     def is_alive(self) -> bool:
@@ -187,7 +192,7 @@ class LifecycleManager:
     def supervise(self, now: float | None = None) -> None:
         """Check the child and restart it once its backoff has passed. Called
         by the main loop on every iteration."""
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         if self.tearing_down or self.process is None:
             return
         self.check_procedure_status(now)
@@ -199,7 +204,7 @@ class LifecycleManager:
         """How long until a scheduled restart is due; None when none is."""
         if self.next_start_at is None:
             return None
-        return max(0.0, self.next_start_at - (time.time() if now is None else now))
+        return max(0.0, self.next_start_at - (time.monotonic() if now is None else now))
 
     def _record_crash(self, now: float) -> None:
         assert self.process is not None
@@ -212,9 +217,9 @@ class LifecycleManager:
             else:
                 error = f"exited with code {exitcode}"
         self.last_error = error
-        self.last_error_at = now
+        self.last_error_at = time.time()
 
-        ran_for = now - (self.started_at or now)
+        ran_for = now - (self.started_monotonic or now)
         if ran_for >= self.stable_seconds:
             if self.crash_loop_reported:
                 self.logger.info(f"{self.name} had run stably before this crash; backoff reset")
@@ -273,13 +278,13 @@ class LifecycleManager:
         a backend (which drains first); SIGKILL when it has not stopped within
         its deadline."""
         self.request_teardown()
-        self.finish_teardown(time.time() + self.teardown_deadline_seconds())
+        self.finish_teardown(time.monotonic() + self.teardown_deadline_seconds())
 
     def finish_teardown(self, deadline: float) -> None:
-        """Wait for the child until `deadline` (unix time), then SIGKILL it."""
+        """Wait for the child until `deadline` (`time.monotonic()`), then SIGKILL it."""
         if self.process is None:
             return
-        self.process.join(max(0.0, deadline - time.time()))
+        self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
             self.logger.warning(f"{self.name} did not stop in time; killing it")
             self.process.kill()
@@ -312,7 +317,7 @@ def backend_teardown_seconds(config: Config) -> float:
 def teardown_in_parallel(managers: Sequence[LifecycleManager]) -> None:
     """Stop several children at once, each within its own deadline. Called by
     the main loop, first for the procedures, then for the backends."""
-    now = time.time()
+    now = time.monotonic()
     for manager in managers:
         manager.request_teardown()
     for manager in managers:

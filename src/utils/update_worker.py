@@ -66,7 +66,7 @@ class UpdateJob:
     foreign_config: ForeignConfig
     process: multiprocessing.process.BaseProcess
     result: multiprocessing.connection.Connection
-    started_at: float
+    started_monotonic: float  # the job's time limit is not moved by a stepped wall clock
 
     @staticmethod
     def start(config: Config, foreign_config: ForeignConfig) -> UpdateJob:
@@ -87,7 +87,7 @@ class UpdateJob:
         )
         process.start()
         sender.close()
-        return UpdateJob(foreign_config, process, receiver, now)
+        return UpdateJob(foreign_config, process, receiver, time.monotonic())
 
     def sentinel(self) -> int:
         """Becomes ready when the worker ends."""
@@ -99,7 +99,7 @@ class UpdateJob:
         the worker died, or it ran past `JOB_TIMEOUT_SECONDS` (then it is
         killed)."""
         if self.process.is_alive():
-            if time.time() - self.started_at < JOB_TIMEOUT_SECONDS:
+            if time.monotonic() - self.started_monotonic < JOB_TIMEOUT_SECONDS:
                 return False, None
             self.cancel()
             return True, f"the update took longer than {JOB_TIMEOUT_SECONDS:.0f} s"

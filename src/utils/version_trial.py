@@ -164,7 +164,8 @@ class Guard:
         os.makedirs(constants.LOGS_DIR, exist_ok=True)
         environment = {key: v for key, v in os.environ.items() if key != "NOTIFY_SOCKET"}
         environment[GUARD_ENVIRONMENT_VARIABLE] = str(os.getpid())
-        started = time.time()
+        started = time.time()  # compared with the candidate's reports in the state
+        started_monotonic = time.monotonic()  # the deadline: immune to clock steps
         with open(candidate_output_path(candidate.version), "ab") as output:
             self.process = subprocess.Popen(
                 [
@@ -202,7 +203,10 @@ class Guard:
                 self._stop_candidate()
                 return "healthy", ""
             fatal = fatal_problem(state)
-            if fatal is not None or time.time() - started > candidate.deadline_seconds:
+            if (
+                fatal is not None
+                or time.monotonic() - started_monotonic > candidate.deadline_seconds
+            ):
                 self._stop_candidate()
                 if fatal is not None:
                     return "unhealthy", fatal
