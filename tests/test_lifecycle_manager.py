@@ -197,7 +197,12 @@ def test_a_wall_clock_stepped_back_after_a_crash_does_not_postpone_the_restart(
         manager.check_procedure_status()  # the crash is noticed, the restart scheduled
         real_time = time.time
         monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
-        assert wait_until(lambda: (manager.supervise(), manager.restarts)[1] == 1, 10)
+
+        def restarted() -> bool:
+            manager.supervise()
+            return manager.restarts == 1
+
+        assert wait_until(restarted, 10)
         assert manager.is_alive()
     finally:
         teardown_in_parallel([manager])
