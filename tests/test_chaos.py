@@ -1,0 +1,39 @@
+"""The short chaos run (`benchmarks.chaos`, a fixed seed, about two minutes of
+faults): a whole station through its CLI with the Tenta backend and a real
+Mosquitto, every kind of fault at least once. Nothing accepted may be lost,
+and the size cap must have dropped exactly what it counted, oldest first."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from benchmarks.chaos.harness import FAULT_KINDS, Settings, run_chaos
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(900)
+def test_a_short_chaos_run_loses_nothing(tmp_path: Any) -> None:
+    report = run_chaos(Settings(seed=11, duration_s=100.0), str(tmp_path))
+    print(json.dumps(report, indent=2))  # the report, in the test's output
+    kinds = {event["kind"] for event in report["faults"] if "skipped" not in event}
+    missing_kinds = set(FAULT_KINDS) - kinds
+    if report["full_disk_unavailable"] is not None:
+        # a tmpfs needs root and a container that allows mounting
+        assert os.geteuid() != 0 or "mount refused" in report["full_disk_unavailable"]
+        missing_kinds.discard("full_disk")
+    assert not missing_kinds
+    assert report["produced"] > 5_000
+    assert report["lost"] == 0
+    assert report["missing"] == report["dropped_by_policy"]
+    assert report["dropped_by_policy"] > 0  # the cap was reached during an outage
+    assert report["oldest_first_violations"] == 0
+    assert report["not_in_archive"] == 0
+    assert report["payloads_a_server_would_drop"] == 0
+    assert None not in report["queue_back_to_steady_after_outage_s"]
+    assert report["problems"] == []
+    assert report["ok"]
