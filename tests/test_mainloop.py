@@ -55,7 +55,15 @@ def test_a_failing_main_loop_stops_its_children_before_it_ends(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mainloop, "_run", fail_after_starting_children)
+    children: list[int] = []
+    start_children = mainloop.start_children
+
+    def start_and_note() -> None:
+        start_children()
+        children.extend(m.process.pid for m in mainloop.managers if m.process and m.process.pid)
+
+    monkeypatch.setattr(mainloop, "start_children", start_and_note)
     with pytest.raises(OSError, match="No space left"):
         mainloop.run()
     assert mainloop.managers == []
-    assert psutil.Process().children() == []
+    assert children and not any(psutil.pid_exists(pid) for pid in children)
