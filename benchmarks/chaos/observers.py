@@ -92,11 +92,6 @@ class Recorder:
         with self.lock:
             return self.subscriptions
 
-    def delivered_count(self) -> int:
-        """Distinct producer messages received so far."""
-        with self.lock:
-            return len(self.arrivals)
-
     def accepted_at(self, revision: int) -> float | None:
         """When Tenta's acknowledgment `success: true` of `revision` arrived."""
         with self.lock:
