@@ -262,6 +262,43 @@ def test_backend_killed_mid_drain_loses_nothing(
     subscriber.close()
 
 
+def test_the_cap_drops_exactly_what_the_broker_never_got_across_a_backend_crash(
+    broker: Broker, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    # the chaos soak: rows the broker had got were still queued at a kill -9
+    # (their PUBACKs unread), the cap then dropped them, and the station
+    # counted them as never delivered
+    config = config_dict(broker.port, max_payload_bytes=1_024)
+    config["storage"] = {"max_queued_messages": 10_000}
+    agent = agent_for(config)
+    subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="cap-subscriber")
+    agent.add_messages([DataMessageBody(data={"i": i}) for i in range(10_000)])
+    first = start_backend(processes, data_dir, config)
+    assert wait_for_items(subscriber, "measurements/", 500, timeout=60)
+    first.kill()
+    time.sleep(0.5)  # what the broker got has reached the subscriber
+    delivered_but_queued = queued_sequence_numbers(agent) & set(
+        sequence_numbers(subscriber.items("measurements/"))
+    )
+    n = 25_000
+    for start in range(10_000, n, 1_000):  # the cap drops while no backend runs
+        agent.add_messages([DataMessageBody(data={"i": i}) for i in range(start, start + 1_000)])
+    start_backend(processes, data_dir, config)
+    assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=120, interval=0.2)
+    assert wait_for_items(subscriber, "measurements/", n - agent.get_dropped_count(), timeout=60)
+    time.sleep(1.0)  # nothing more is on its way
+    missing = set(range(n)) - set(sequence_numbers(subscriber.items("measurements/")))
+    print(
+        f"{len(delivered_but_queued)} delivered but still queued at the kill; "
+        f"dropped {agent.get_dropped_count()}, missing {len(missing)}"
+    )
+    assert delivered_but_queued  # the kill landed between a PUBACK and its deletion
+    assert agent.get_dropped_count() > 0
+    assert len(missing) == agent.get_dropped_count()
+    assert missing == set(range(min(missing), max(missing) + 1))  # the oldest unsent
+    subscriber.close()
+
+
 # --- TLS and logins --------------------------------------------------------------
 
 

@@ -12,10 +12,33 @@ from typing import Any
 import pytest
 
 from benchmarks.chaos.harness import FAULT_KINDS, Settings, run_chaos
+from benchmarks.chaos.report import oldest_first_violations
 
-pytestmark = pytest.mark.integration
+
+def _fates(arrivals: list[float | None]) -> tuple[dict[Any, float], dict[Any, float]]:
+    """One producer's messages 0..n-1, produced a second apart, with these
+    arrival times (None: missing)."""
+    produced = {(1, seq): float(seq) for seq in range(len(arrivals))}
+    arrived = {(1, seq): at for seq, at in enumerate(arrivals) if at is not None}
+    return produced, arrived
 
 
+def test_the_oldest_first_check_accepts_a_fifo_across_two_outages() -> None:
+    # outage 1 from 10 to 20 drops 2..5 (0 and 1 were in flight); the backlog
+    # 6..8 is half delivered when outage 2 (from 24) drops 8 and 9
+    produced, arrived = _fates([21.0, 21.0, None, None, None, None, 22.0, 23.0, None, None, 31.0])
+    outages = [{"back": 20.0, "seconds": 10.0}, {"back": 30.0, "seconds": 6.0}]
+    assert oldest_first_violations(produced, arrived, outages) == 0
+
+
+def test_the_oldest_first_check_catches_dropping_the_newest() -> None:
+    # the outage from 10 to 20 kept the old backlog and dropped what came later
+    produced, arrived = _fates([9.0, 21.0, 21.0, None, 22.0, None, None, 23.0])
+    outages = [{"back": 20.0, "seconds": 10.0}]
+    assert oldest_first_violations(produced, arrived, outages) == 2
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_a_short_chaos_run_loses_nothing(tmp_path: Any) -> None:
     report = run_chaos(Settings(seed=11, duration_s=100.0), str(tmp_path))

@@ -163,17 +163,36 @@ def test_a_short_write_on_a_full_disk_does_not_count_as_archived(
     assert [m.body for m in archived] == [data(0), data(1), data(2)]
 
 
-def test_a_dropped_row_the_broker_acknowledged_after_all_is_not_counted_dropped() -> None:
-    # the chaos harness: rows in flight when the cap dropped them were
-    # delivered on reconnect, and the count of drops said they were lost
+def test_the_cap_never_drops_rows_already_sent_so_the_drop_count_is_exact() -> None:
+    # the chaos soak: rows in flight when the backend was killed had reached
+    # the broker, then the cap dropped them and counted them as never delivered
     agent = MessagingAgent(capped_config(1000))
     agent.add_messages([data(i) for i in range(1000)])
-    in_flight = [row.id for row in agent.get_oldest_rows(50)]
-    agent.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops the oldest
-    dropped = agent.get_dropped_count()
-    assert dropped >= 100
-    agent.remove_messages(in_flight)  # their PUBACKs arrive
-    assert agent.get_dropped_count() == dropped - 50
+    in_flight = agent.get_oldest_rows(50)
+    agent.mark_sent(in_flight[-1].id)
+    agent.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops
+    kept = [m.body for m in agent.get_n_latest_messages(2000)]
+    assert kept[:50] == [data(i) for i in range(50)]  # sent: they may have arrived
+    unsent = kept[50:]
+    assert len(unsent) <= 1000
+    assert unsent == [data(i) for i in range(1100 - len(unsent), 1100)]  # oldest unsent dropped
+    assert agent.get_dropped_count() == 1050 - len(unsent)
+    agent.remove_messages([row.id for row in in_flight])  # their PUBACKs arrive (late)
+    assert agent.get_dropped_count() == 1050 - len(unsent)
+    assert agent.get_queue_depth() == len(unsent)
+
+
+def test_the_sent_mark_survives_a_new_process_and_never_moves_back() -> None:
+    agent = MessagingAgent(capped_config(1000))
+    agent.add_messages([data(i) for i in range(1000)])
+    agent.mark_sent(20)
+    agent.mark_sent(10)  # a backend that rewound: the mark stays
+    agent.close()
+    again = MessagingAgent(capped_config(1000))  # e.g. the producer after a restart
+    again.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops
+    kept = [m.body for m in again.get_n_latest_messages(30)]
+    assert kept[:20] == [data(i) for i in range(20)]
+    assert data(20) not in kept
 
 
 def test_cap_drops_oldest_data_first_and_counts() -> None:

@@ -44,26 +44,40 @@ def oldest_first_violations(
     outages: list[dict[str, Any]],
 ) -> int:
     """Messages the size cap dropped although an older message of the same
-    producer that was queued with it was kept. For each outage (from its start
-    S to the broker's return R), take one incarnation's messages produced
-    before R and not delivered before S in order: once the missing ones begin,
-    a kept one must not be followed by another missing one. (Kept messages
-    before the first missing one are those in flight when the cap dropped the
-    rest: the broker had them already.)"""
+    producer that was queued with it was kept. The queue is a FIFO: rows leave
+    it oldest first, delivered or dropped. So the messages whose fate an
+    outage decided are, per producer incarnation, those newer than the newest
+    delivered before the outage began and not newer than the newest delivered
+    before the next one began. Among them, once the missing ones begin, a kept
+    one must not be followed by another missing one. (Kept messages before
+    the first missing one were in flight when the broker went away: the cap
+    never drops those, they may have reached the broker.)"""
+    by_incarnation: dict[int, list[tuple[int, float | None]]] = defaultdict(list)
+    for key in produced:
+        by_incarnation[key[0]].append((key[1], arrivals.get(key)))
+    starts = sorted(outage["back"] - outage["seconds"] for outage in outages)
     violations = 0
-    for outage in outages:
-        began = outage["back"] - outage["seconds"]
-        back = outage["back"]
-        by_incarnation: dict[int, list[tuple[int, bool]]] = defaultdict(list)
-        for key, at in produced.items():
-            arrival = arrivals.get(key)
-            if at < back and (arrival is None or arrival >= began):
-                by_incarnation[key[0]].append((key[1], arrival is None))
-        for messages in by_incarnation.values():
-            messages.sort()
+    for messages in by_incarnation.values():
+        messages.sort()
+
+        def newest_delivered_before(
+            moment: float, messages: list[tuple[int, float | None]] = messages
+        ) -> int:
+            return max(
+                (seq for seq, arrival in messages if arrival is not None and arrival < moment),
+                default=-1,
+            )
+
+        for index, began in enumerate(starts):
+            lowest = newest_delivered_before(began)
+            highest = (
+                newest_delivered_before(starts[index + 1]) if index + 1 < len(starts) else None
+            )
             dropping, kept_after_drops = False, False
-            for _, missing in messages:
-                if missing:
+            for seq, arrival in messages:
+                if seq <= lowest or (highest is not None and seq > highest):
+                    continue
+                if arrival is None:
                     violations += kept_after_drops
                     dropping = True
                 elif dropping:

@@ -137,8 +137,10 @@ class StorageConfig(_Section):
         ge=1_000,
         le=1_000_000_000,
         description=(
-            "Cap on queued messages; above it the oldest data messages are dropped first, "
-            "config acknowledgements last."
+            "Cap on queued messages not yet sent; above it the oldest data messages are "
+            "dropped first, config acknowledgements last. Messages sent and awaiting the "
+            "broker's acknowledgement are never dropped (they may have arrived), so the "
+            "dropped count is exactly what the broker never got."
         ),
     )
     retention_days: int = Field(

@@ -260,7 +260,7 @@ class MessagingAgent:
             ).fetchone()
             queued = last_id - removed
             if queued > self.max_queued_messages:
-                self._drop_oldest(queued - self.max_queued_messages)
+                self._drop_oldest_unsent(queued)
         prefix = self.identifier_prefix
         return [f"{prefix}-{i}" for i in range(last_id - len(rows) + 1, last_id + 1)]
 
@@ -270,7 +270,19 @@ class MessagingAgent:
         ).fetchone()
         return int(row[0])
 
-    def _drop_oldest(self, excess: int) -> None:
+    def _drop_oldest_unsent(self, queued: int) -> None:
+        """Bring the rows not yet handed to a publish back under the cap,
+        oldest first (data, then logs, then config answers). Rows up to the
+        `sent_up_to` mark are never dropped: they may have reached the broker
+        already, and a dropped row must be one it never got, or the `dropped`
+        count would lie. They are at most the backend's in-flight window."""
+        sent_up_to = self._read_counter("sent_up_to")
+        (sent_still_queued,) = self.connection.execute(
+            "SELECT count(*) FROM queue WHERE id <= ?", (sent_up_to,)
+        ).fetchone()
+        excess = queued - int(sent_still_queued) - self.max_queued_messages
+        if excess <= 0:
+            return
         self._flush_archive_in_transaction()  # dropped from the queue, not from the archive
         # drop a little more than needed so that a full queue does not pay for
         # this on every single add
@@ -281,8 +293,8 @@ class MessagingAgent:
                 break
             cursor = self.connection.execute(
                 "DELETE FROM queue WHERE id IN "
-                "(SELECT id FROM queue WHERE variant = ? ORDER BY id LIMIT ?)",
-                (variant, remaining),
+                "(SELECT id FROM queue WHERE variant = ? AND id > ? ORDER BY id LIMIT ?)",
+                (variant, sent_up_to, remaining),
             )
             dropped += cursor.rowcount
             remaining -= cursor.rowcount
@@ -334,11 +346,7 @@ class MessagingAgent:
 
     def remove_messages(self, message_ids: Iterable[int]) -> None:
         """Delete rows whose delivery the broker has acknowledged (archiving them
-        first if the main loop has not yet). An id that is already gone was
-        dropped by the size cap while it was in flight: it reached the broker
-        after all, so it no longer counts as dropped (the count stays exact:
-        what it says was dropped is what the broker never got). Called by the
-        backend."""
+        first if the main loop has not yet). Called by the backend."""
         message_ids = list(set(message_ids))
         if not message_ids:
             return
@@ -353,8 +361,18 @@ class MessagingAgent:
                     chunk,
                 ).rowcount
             self._add_to_counter("removed", removed)
-            if removed < len(message_ids):
-                self._add_to_counter("dropped", removed - len(message_ids))
+
+    def mark_sent(self, up_to_id: int) -> None:
+        """Record that the rows up to `up_to_id` are about to be published: from
+        now on they may reach the broker, so the size cap leaves them alone
+        until they are acknowledged. Called by the backend before it publishes
+        rows above the mark, so the mark is durable before any of them leaves."""
+        with self._transaction():
+            self.connection.execute(
+                "INSERT INTO counters (name, value) VALUES ('sent_up_to', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                (up_to_id,),
+            )
 
     # --- inspecting -------------------------------------------------------------
 
