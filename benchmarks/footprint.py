@@ -2,9 +2,12 @@
 among the processes that share them) of a whole station: the main loop, the
 dummy procedure, system checks and the Tenta backend against a real
 Mosquitto, after it has run for a while. Side by side: a bare Python process
-importing nothing (the floor, times four for four processes), and the
-reference Ivy's 50.5 MiB for the same four processes (the figure the issue
-tracker gives; that Ivy is not run here).
+importing nothing (the floor, times four for four processes); the API
+contract's floor: four processes forked as Ivy forks them that hold only
+what every procedure must have (the interpreter, pydantic and Ivy's types,
+a validated config and a message), nothing of the main loop, the queue,
+MQTT or psutil; and the reference Ivy's 50.5 MiB for the same four
+processes (the figure the issue tracker gives; that Ivy is not run here).
 """
 
 from __future__ import annotations
@@ -51,6 +54,33 @@ def _bare_python_mib() -> float:
         bare.wait()
 
 
+def _contract_floor_mib(processes: int) -> float:
+    holder = subprocess.Popen(
+        # run by path, not as a module of this package: it must not inherit
+        # this benchmark's imports (paho, psutil)
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "api_contract.py"),
+            str(processes - 1),
+        ],
+        cwd=constants.PROJECT_DIR,
+        env={**os.environ, "PYTHONPATH": constants.PROJECT_DIR},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        time.sleep(2.0)  # the children have validated and collected
+        main = psutil.Process(holder.pid)
+        return _pss_mib([main, *main.children()])
+    finally:
+        for child in psutil.Process(holder.pid).children():
+            child.kill()
+        holder.kill()
+        holder.wait()
+
+
 def run(quick: bool) -> Iterator[Figure]:
     """PSS of a running station, vs. the floor and the reference figure."""
     settle = 10.0 if quick else 60.0
@@ -85,6 +115,7 @@ def run(quick: bool) -> Iterator[Figure]:
             processes = [main, *main.children(recursive=True)]
             station_mib = _pss_mib(processes)
             floor = _bare_python_mib() * len(processes)
+            contract_floor = _contract_floor_mib(len(processes))
             yield Figure(
                 _BENCHMARK,
                 f"station_pss_mib_{len(processes)}_processes",
@@ -100,6 +131,14 @@ def run(quick: bool) -> Iterator[Figure]:
                 "MiB",
                 f"{len(processes)} bare Python processes",
                 floor,
+            )
+            yield Figure(
+                _BENCHMARK,
+                "station_pss_vs_api_contract",
+                station_mib,
+                "MiB",
+                f"{len(processes)} forked processes holding only pydantic and Ivy's types",
+                contract_floor,
             )
         finally:
             station.send_signal(signal.SIGTERM)
