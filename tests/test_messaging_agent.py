@@ -205,6 +205,8 @@ def test_cap_drops_oldest_data_first_and_counts() -> None:
     depth = agent.get_queue_depth()
     assert depth <= 1000
     assert agent.get_dropped_count() == 1202 - depth
+    assert agent.get_dropped_count("data") == 1202 - depth
+    assert agent.get_dropped_count("log") == 0
     variants = [r.variant for r in agent.get_oldest_rows(2000)]
     assert variants[:2] == ["config", "log"]  # kept: only data was dropped
     remaining = [m.body for m in agent.get_n_latest_messages(2000)[2:]]

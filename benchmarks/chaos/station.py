@@ -198,7 +198,8 @@ class ChaosStation:
             return {}
 
     def queue_counts(self) -> tuple[int, int] | None:
-        """(queued rows, messages dropped by the size cap so far) read from the
+        """(queued rows, data messages dropped by the size cap so far: the
+        producers' are the only data) read from the
         queue database; None when it cannot be read right now."""
         path = os.path.join(self.data_dir, "active-message-queue.sqlite3")
         if not os.path.exists(path):
@@ -207,7 +208,9 @@ class ChaosStation:
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
                 db.execute("PRAGMA busy_timeout=2000")
                 queued = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
-                dropped = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+                dropped = db.execute(
+                    "SELECT value FROM counters WHERE name = 'dropped_data'"
+                ).fetchone()
                 return int(queued), int(dropped[0]) if dropped else 0
         except sqlite3.Error:
             return None

@@ -298,6 +298,13 @@ class MessagingAgent:
             )
             dropped += cursor.rowcount
             remaining -= cursor.rowcount
+            if cursor.rowcount:
+                # per variant too: a drop that reaches logs must not pass for lost data
+                self.connection.execute(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    (f"dropped_{variant}", cursor.rowcount),
+                )
         self._add_to_counter("removed", dropped)
         self._add_to_counter("dropped", dropped)
 
@@ -383,9 +390,10 @@ class MessagingAgent:
         ).fetchone()
         return int(row[0]) - self._read_counter("removed")
 
-    def get_dropped_count(self) -> int:
-        """Messages dropped by the size cap since the queue was created."""
-        return self._read_counter("dropped")
+    def get_dropped_count(self, variant: str | None = None) -> int:
+        """Messages (of one variant, or all) dropped by the size cap since the
+        queue was created. Called by `ivy status` and the chaos harness."""
+        return self._read_counter("dropped" if variant is None else f"dropped_{variant}")
 
     def count_poisoned(self, count: int) -> None:
         """Record rows that the broker would not take as they were (sent as an
