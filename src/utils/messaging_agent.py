@@ -265,8 +265,11 @@ class MessagingAgent:
         return [f"{prefix}-{i}" for i in range(last_id - len(rows) + 1, last_id + 1)]
 
     def _add_to_counter(self, name: str, delta: int) -> int:
+        # an upsert: counters added after schema version 1 need no migration
         row = self.connection.execute(
-            "UPDATE counters SET value = value + ? WHERE name = ? RETURNING value", (delta, name)
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value RETURNING value",
+            (name, delta),
         ).fetchone()
         return int(row[0])
 
@@ -300,11 +303,7 @@ class MessagingAgent:
             remaining -= cursor.rowcount
             if cursor.rowcount:
                 # per variant too: a drop that reaches logs must not pass for lost data
-                self.connection.execute(
-                    "INSERT INTO counters (name, value) VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                    (f"dropped_{variant}", cursor.rowcount),
-                )
+                self._add_to_counter(f"dropped_{variant}", cursor.rowcount)
         self._add_to_counter("removed", dropped)
         self._add_to_counter("dropped", dropped)
 
@@ -392,7 +391,7 @@ class MessagingAgent:
 
     def get_dropped_count(self, variant: str | None = None) -> int:
         """Messages (of one variant, or all) dropped by the size cap since the
-        queue was created. Called by `ivy status` and the chaos harness."""
+        queue was created. Called by the main loop (to log new drops) and `ivy status`."""
         return self._read_counter("dropped" if variant is None else f"dropped_{variant}")
 
     def count_poisoned(self, count: int) -> None:
