@@ -9,10 +9,10 @@ import csv
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
@@ -133,22 +133,34 @@ def test_logs_filters_and_follow(station: Station) -> None:
         cwd=station.project_dir,
         stdout=subprocess.PIPE,
         text=True,
+        # Ctrl-C in a terminal is what is tested; a suite started as a background job
+        # (`pytest &` without job control) hands its children SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    late = (
+        "from src.types import Config\n"
+        "from src.utils.logger import Logger\n"
+        "Logger(Config.load(), 'delta').info('delta is filtered out')\n"
+        "Logger(Config.load(), 'gamma').info('gamma arrives later')\n"
     )
     try:
-        time.sleep(1.5)
-        late = (
-            "from src.types import Config\n"
-            "from src.utils.logger import Logger\n"
-            "Logger(Config.load(), 'gamma').info('gamma arrives later')\n"
-            "Logger(Config.load(), 'delta').info('delta is filtered out')\n"
-        )
-        subprocess.run([sys.executable, "-c", late], env=env, cwd=station.project_dir, check=True)
         assert follower.stdout is not None
-        line = follower.stdout.readline()
+        # The follower starts at the end of the file whenever it is ready; under load that
+        # can be after a first write, so write again until it shows one (bounded).
+        line = ""
+        for _ in range(10):
+            run = [sys.executable, "-c", late]
+            subprocess.run(run, env=env, cwd=station.project_dir, check=True)
+            if select.select([follower.stdout], [], [], 2.0)[0]:
+                line = follower.stdout.readline()
+                break
         assert "gamma - INFO - gamma arrives later" in line
     finally:
         follower.send_signal(signal.SIGINT)
-        follower.wait(timeout=10)
+        try:
+            follower.wait(timeout=10)
+        finally:
+            follower.kill()
     assert follower.returncode == 0
 
 
