@@ -548,9 +548,9 @@ def config_apply(path: str, wait: float) -> None:
 def _wait_for_config_outcome(revision: int, wait: float) -> None:
     from src.utils.state_interface import StateInterface
 
-    deadline = time.time() + wait
+    deadline = time.monotonic() + wait
     shown_step = None
-    while time.time() < deadline:
+    while time.monotonic() < deadline:
         state = StateInterface.load()
         for outcome in state.config_outcomes:
             if outcome.config_revision == revision:

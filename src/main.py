@@ -18,7 +18,7 @@ from src import backend, constants, procedures
 from src.types import Config, ConfigMessageBody, ForeignConfig
 from src.types.config import TrialConfig
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
-from src.utils.health import fatal_problem, health_problem
+from src.utils.health import HealthWatch, fatal_problem
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
@@ -51,23 +51,24 @@ class ConfigTrial:
     """A config of this version applied and not yet proven healthy."""
 
     foreign_config: ForeignConfig
-    started_at: float  # unix time: what the children's reports are compared with
     settings: TrialConfig
-    needs_broker: bool
+    health: HealthWatch
     # the deadline runs on the monotonic clock, so that a wall clock stepped
     # ahead does not end a trial early (or stepped back, late)
     started_monotonic: float
 
     @staticmethod
-    def of(config: Config, started_at: float) -> ConfigTrial:
-        """The trial of `config` (whose children started after `started_at`),
-        by its own trial settings."""
+    def of(config: Config) -> ConfigTrial:
+        """The trial of `config`, by its own trial settings; created before
+        the children that run it start, so that it can tell their reports from
+        their predecessors'."""
         return ConfigTrial(
             config.to_foreign_config(),
-            started_at,
             config.trial,
-            config.backend is not None,
-            time.monotonic() - max(0.0, time.time() - started_at),
+            HealthWatch(
+                StateInterface.load(), config.trial.stable_seconds, config.backend is not None
+            ),
+            time.monotonic(),
         )
 
 
@@ -88,7 +89,6 @@ class Mainloop:
         self.state_seen: tuple[int, int] | None = None
         self.update_job: UpdateJob | None = None
         self.config_trial: ConfigTrial | None = None
-        self.started_at = time.time()
         # the version to hand over to once torn down (run.py starts it)
         self.handover_to: str | None = None
 
@@ -160,9 +160,8 @@ class Mainloop:
         if not is_guarded():  # a candidate does not answer for itself
             deliver_pending_answer(self.logger, self.messaging_agent)
         self._acknowledge_startup()
-        self.started_at = time.time()
-        self.start_children()
         self._resume_config_trial()
+        self.start_children()
         notify("READY=1")
         with StateInterface.update() as state:
             state.mainloop.pid = os.getpid()
@@ -266,9 +265,8 @@ class Mainloop:
             if isinstance(decision, Reconfigure):
                 self.stop_children()
                 self.reconfigure(decision.config)
-                changed_at = time.time()
+                self.config_trial = ConfigTrial.of(decision.config)
                 self.start_children()
-                self.config_trial = ConfigTrial.of(decision.config, changed_at)
                 self._requeue(pending[index + 1 :])
                 return
             elif isinstance(decision, StartUpdate):
@@ -290,7 +288,7 @@ class Mainloop:
             return
         if os.path.isfile(previous_config_path()):
             self.logger.info("resuming the trial of the config this station was trying")
-            self.config_trial = ConfigTrial.of(self.config, self.started_at)
+            self.config_trial = ConfigTrial.of(self.config)
         else:
             journal.config_trial = None
             save_journal(journal)
@@ -302,10 +300,7 @@ class Mainloop:
         if trial is None:
             return
         state = StateInterface.load()
-        now = time.time()
-        problem = health_problem(
-            state, trial.started_at, trial.settings.stable_seconds, trial.needs_broker, now
-        )
+        problem = trial.health.problem(state)
         if problem is None:
             self.updater.accept_tried_config(trial.foreign_config)
             self.config_trial = None

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.chaos.station import build_clock_shim, step_wall_clock
 from benchmarks.mosquitto import Broker
 from tests.conftest import Station, template_config_dict, wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, publish
@@ -157,5 +158,47 @@ def test_a_config_that_makes_a_procedure_crash_at_start_is_rolled_back(
     publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(fixed)})
     assert wait_until(lambda: bool(_answers(subscriber, 3)), timeout=60, interval=0.5)
     assert _answers(subscriber, 3)[0]["config_status"] == "accepted"
+    subscriber.close()
+    assert station.cli("stop").returncode == 0
+
+
+def test_a_good_config_stays_when_the_clock_steps_back_an_hour_during_its_trial(
+    station: Station, broker: Broker, tmp_path: Any
+) -> None:
+    """NTP stepping the clock of a board without a real-time clock: the trial
+    judges on the monotonic clock, so a healthy config is accepted, not rolled
+    back at its deadline for reports that look an hour old."""
+    clock_file = str(tmp_path / "clock-offset")
+    step_wall_clock(clock_file, 0.0)
+    station.env["LD_PRELOAD"] = build_clock_shim(str(tmp_path))
+    station.env["IVY_CHAOS_CLOCK_FILE"] = clock_file
+    subscriber = Subscriber(broker.port, [TELEMETRY], client_id="tb-server")
+    _run_station(station, _config(broker, 1))
+    assert wait_until(lambda: _data_count(subscriber) >= 2, timeout=60)
+
+    good = _config(broker, 2)
+    good["trial"]["stable_seconds"] = 5
+    good["dummy_procedure"]["seconds_between_datapoints"] = 2
+
+    def started_at() -> dict[str, Any]:
+        with open(station.path("state.json")) as f:
+            processes = json.load(f)["processes"]
+        return {name: p["started_at"] for name, p in processes.items() if p["alive"]}
+
+    before = started_at()
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(good)})
+
+    def children_of_revision_2_run() -> bool:
+        now = started_at()
+        return set(now) == set(before) and all(now[n] != before[n] for n in now)
+
+    # stepped while the trial is on: after the children started, before they
+    # have run for `stable_seconds`
+    assert wait_until(children_of_revision_2_run, timeout=30, interval=0.05)
+    step_wall_clock(clock_file, -3600.0)
+    assert wait_until(lambda: bool(_answers(subscriber, 2)), timeout=90, interval=0.5)
+    answer = _answers(subscriber, 2)[0]
+    assert answer["config_status"] == "accepted", answer
+    assert station.status()["config"]["revision"] == 2
     subscriber.close()
     assert station.cli("stop").returncode == 0

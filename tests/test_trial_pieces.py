@@ -15,7 +15,7 @@ from src import constants
 from src.types import ProcessState, State
 from src.types.state import BackendConnectionState
 from src.utils import systemd_notify
-from src.utils.health import health_problem
+from src.utils.health import HealthWatch
 from src.utils.update_journal import Candidate, load_journal, save_journal
 from src.utils.updater import cli_pointer_path
 from src.utils.version_trial import resolve_at_start
@@ -23,35 +23,42 @@ from src.utils.version_trial import resolve_at_start
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
 
 
-def healthy_state(now: float) -> State:
+def healthy_state(stamp: float) -> State:
+    """A healthy station whose reports carry wall-clock times around `stamp`."""
     state = State()
     state.mainloop.pid = 1
-    state.mainloop.last_heartbeat = now
+    state.mainloop.last_heartbeat = stamp
     state.processes = {
-        "backend": ProcessState(variant="backend", alive=True, started_at=now - 60),
-        "dummy_procedure": ProcessState(variant="procedure", alive=True, started_at=now - 60),
+        "backend": ProcessState(variant="backend", alive=True, started_at=stamp - 60),
+        "dummy_procedure": ProcessState(variant="procedure", alive=True, started_at=stamp - 60),
     }
     state.backend_connection = BackendConnectionState(
-        connected=True, detail="connected", since=now - 50, last_acknowledgment=now - 1
+        connected=True, detail="connected", since=stamp - 50, last_acknowledgment=stamp - 1
     )
     return state
 
 
+def watch_that_saw_it_run(before: State, after: State, needs_broker: bool = True) -> HealthWatch:
+    """A judge that has seen `after` first at monotonic 0 (31 s before the checks below)."""
+    watch = HealthWatch(before, 30, needs_broker)
+    watch.problem(after, now=0.0)
+    return watch
+
+
 def test_the_health_definition_names_what_is_missing() -> None:
     now = time.time()
-    since = now - 100
-    assert health_problem(healthy_state(now), since, 30, needs_broker=True, now=now) is None
+    before = healthy_state(now - 1000)
+    assert watch_that_saw_it_run(before, healthy_state(now)).problem(healthy_state(now), 31) is None
 
     cases: list[tuple[str, Any, str]] = [
-        ("mainloop", ("last_heartbeat", since - 1), "has not written a heartbeat"),
-        ("mainloop", ("last_heartbeat", now - 40), "last heartbeat is 40 s old"),
+        ("mainloop", ("last_heartbeat", now - 1000), "has not written a heartbeat"),
         ("dummy_procedure", ("alive", False), "dummy_procedure is not running"),
         ("dummy_procedure", ("restarts", 1), "dummy_procedure restarted 1 time(s)"),
         ("dummy_procedure", ("crash_looping", True), "dummy_procedure is crash-looping"),
-        ("dummy_procedure", ("started_at", now - 10), "has not run for 30 s yet"),
+        ("dummy_procedure", ("started_at", now - 1060), "has not started since the change"),
         ("connection", ("connected", False), "not connected to the broker"),
-        ("connection", ("since", since - 1), "not connected to the broker (no report since)"),
-        ("connection", ("last_acknowledgment", since - 1), "has not acknowledged a message"),
+        ("connection", ("since", now - 1050), "not connected to the broker (no report since)"),
+        ("connection", ("last_acknowledgment", now - 1001), "has not acknowledged a message"),
     ]
     for part, (field, value), expected in cases:
         state = healthy_state(now)
@@ -60,12 +67,34 @@ def test_the_health_definition_names_what_is_missing() -> None:
             "connection": state.backend_connection,
         }.get(part) or state.processes[part]
         setattr(target, field, value)
-        problem = health_problem(state, since, 30, needs_broker=True, now=now)
+        problem = watch_that_saw_it_run(before, state).problem(state, 31)
         assert problem is not None and expected in problem, (part, field, problem)
     without_broker = healthy_state(now)
     without_broker.backend_connection = None
     del without_broker.processes["backend"]
-    assert health_problem(without_broker, since, 30, needs_broker=False, now=now) is None
+    watch = watch_that_saw_it_run(before, without_broker, needs_broker=False)
+    assert watch.problem(without_broker, 31) is None
+
+
+def test_run_time_and_heartbeat_age_are_judged_on_the_monotonic_clock() -> None:
+    """Times in the state are only compared for equality with the state
+    before the change: a clock stepped back an hour during the trial (NTP on a
+    board without a real-time clock) leaves a healthy station healthy."""
+    now = time.time()
+    stepped_back = healthy_state(now - 3600)
+    watch = HealthWatch(healthy_state(now), 30, needs_broker=True)
+    problem = watch.problem(stepped_back, now=100.0)
+    assert problem is not None and "has not run for 30 s yet" in problem
+    assert watch.problem(stepped_back, now=131.0) is None
+    # the same heartbeat 35 s later: the main loop hangs
+    problem = watch.problem(stepped_back, now=136.0)
+    assert problem is not None and "no heartbeat for 36 s" in problem
+    stepped_back.mainloop.last_heartbeat = now - 3590
+    assert watch.problem(stepped_back, now=137.0) is None
+    # a restart during the trial starts its run time over
+    stepped_back.processes["backend"].started_at = now - 3500
+    problem = watch.problem(stepped_back, now=138.0)
+    assert problem is not None and "backend has not run for 30 s yet" in problem
 
 
 @pytest.fixture

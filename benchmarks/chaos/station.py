@@ -26,8 +26,10 @@ STATION_IDENTIFIER = "c4a05000-0000-4000-8000-000000000011"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _build_clock_shim(directory: str) -> str:
-    """Compile `wallclock.c` into `directory`; the path of the library."""
+def build_clock_shim(directory: str) -> str:
+    """Compile `wallclock.c` into `directory`; the path of the library, for
+    `LD_PRELOAD` together with `IVY_CHAOS_CLOCK_FILE`. Called by the harness
+    and by tests that step a station's clock."""
     library = os.path.join(directory, "libwallclock.so")
     source = os.path.join(HERE, "wallclock.c")
     subprocess.run(
@@ -36,6 +38,16 @@ def _build_clock_shim(directory: str) -> str:
         capture_output=True,
     )
     return library
+
+
+def step_wall_clock(clock_file: str, seconds: float) -> None:
+    """Set the wall clock of every process preloaded with the shim and reading
+    `clock_file` to real time plus `seconds`. The file must exist (offset 0)
+    before such a process starts: the shim maps it once."""
+    mode = "r+b" if os.path.exists(clock_file) else "wb"
+    with open(clock_file, mode) as f:
+        f.write(struct.pack("d", seconds))
+        f.flush()
 
 
 def _mount_tmpfs(directory: str, size_mib: int) -> str | None:
@@ -90,7 +102,7 @@ class ChaosStation:
         self.config = self._config(broker_port, messages_per_second, max_queued_messages)
         self.write_config(self.config)
         self.set_clock_offset(0.0)
-        self.clock_library = _build_clock_shim(scratch)
+        self.clock_library = build_clock_shim(scratch)
 
     def _config(self, port: int, rate: float, max_queued: int) -> dict[str, Any]:
         with open(constants.CONFIG_TEMPLATE_PATH) as f:
@@ -160,10 +172,7 @@ class ChaosStation:
     def set_clock_offset(self, seconds: float) -> None:
         """Step the station's wall clock to real time plus `seconds` (read by the
         preloaded shim on every call)."""
-        mode = "r+b" if os.path.exists(self.clock_file) else "wb"
-        with open(self.clock_file, mode) as f:
-            f.write(struct.pack("d", seconds))
-            f.flush()
+        step_wall_clock(self.clock_file, seconds)
 
     def main_process(self) -> psutil.Process | None:
         """The main loop (or a trial's guard), found by its command line."""

@@ -269,7 +269,7 @@ class Drainer:
         (and the time of the last acknowledgment at most every few seconds),
         for `ivy status`."""
         status = self.connection.status
-        now = time.time()
+        now = time.monotonic()  # a wall clock stepped back must not hold the writes for hours
         current = (status, self.last_acknowledgment)
         if current == self.published_connection:
             return

@@ -9,6 +9,12 @@ and the backend write:
   a message since the change (the new main loop's startup message, or the
   config's own acknowledgement).
 
+"Since the change" means: different from the state read just before the
+change. "Recently" and "has run for" are measured on this process's monotonic
+clock, from when the judge first saw the value. No wall-clock time from the
+state is compared with another, so a clock stepped back by NTP during a trial
+cannot make a healthy station look stale (and roll a good change back).
+
 A crash loop is fatal at once; anything else may still come right until the
 trial's deadline. Used by the main loop (config trials) and by the guard
 (version trials)."""
@@ -31,43 +37,66 @@ def fatal_problem(state: State) -> str | None:
     return None
 
 
-def health_problem(
-    state: State,
-    since: float,
-    stable_seconds: float,
-    needs_broker: bool,
-    now: float | None = None,
-) -> str | None:
-    """None when the station is healthy by the definition above for a change
-    made at `since`; else what is still missing, in words for an operator."""
-    now = time.time() if now is None else now
-    heartbeat = state.mainloop.last_heartbeat
-    if state.mainloop.pid is None or heartbeat is None or float(heartbeat) < since:
-        return "the main loop has not written a heartbeat since the change"
-    if now - float(heartbeat) > HEARTBEAT_STALE_SECONDS:
-        return f"the main loop's last heartbeat is {now - float(heartbeat):.0f} s old"
-    fatal = fatal_problem(state)
-    if fatal is not None:
-        return fatal
-    if needs_broker and "backend" not in state.processes:
-        return "the backend has not started"
-    for name, process in sorted(state.processes.items()):
-        if not process.alive:
-            return f"{name} is not running ({process.last_error or 'no error recorded'})"
-        if process.restarts > 0:
-            return f"{name} restarted {process.restarts} time(s): {process.last_error}"
-    connection = state.backend_connection
-    # a report from before the change is the previous backend's
-    fresh = connection is not None and float(connection.since or 0) >= since
-    if needs_broker and (connection is None or not fresh or not connection.connected):
-        detail = connection.detail if (connection is not None and fresh) else "no report since"
-        return f"the backend is not connected to the broker ({detail})"
-    for name, process in sorted(state.processes.items()):
-        started = process.started_at
-        if started is None or float(started) < since or now - float(started) < stable_seconds:
-            return f"{name} has not run for {stable_seconds:.0f} s yet"
-    if needs_broker and connection is not None:
-        acknowledged = connection.last_acknowledgment
-        if acknowledged is None or float(acknowledged) < since:
-            return "the broker has not acknowledged a message since the change"
-    return None
+class HealthWatch:
+    """The judge of one trial: created from the state read just before the
+    change (before any child of the changed station starts), then shown each
+    new state. Created and polled by the main loop (config trials) and by the
+    guard (version trials)."""
+
+    def __init__(self, before: State, stable_seconds: float, needs_broker: bool) -> None:
+        """Judge against `before`, the state just before the change."""
+        self.before = before
+        self.stable_seconds = stable_seconds
+        self.needs_broker = needs_broker
+        self._heartbeat: tuple[float, float] | None = None  # value, monotonic when first seen
+        self._running_since: dict[tuple[str, float], float] = {}  # (name, started_at) -> seen
+
+    def problem(self, state: State, now: float | None = None) -> str | None:
+        """None when `state` is healthy by the definition above; else what is
+        still missing, in words for an operator. `now` is a monotonic time."""
+        now = time.monotonic() if now is None else now
+        for name, process in state.processes.items():
+            if process.started_at is not None:
+                self._running_since.setdefault((name, process.started_at), now)
+        heartbeat = state.mainloop.last_heartbeat
+        if (
+            state.mainloop.pid is None
+            or heartbeat is None
+            or heartbeat == self.before.mainloop.last_heartbeat
+        ):
+            return "the main loop has not written a heartbeat since the change"
+        if self._heartbeat is None or self._heartbeat[0] != heartbeat:
+            self._heartbeat = (heartbeat, now)
+        if now - self._heartbeat[1] > HEARTBEAT_STALE_SECONDS:
+            return f"the main loop has written no heartbeat for {now - self._heartbeat[1]:.0f} s"
+        fatal = fatal_problem(state)
+        if fatal is not None:
+            return fatal
+        if self.needs_broker and "backend" not in state.processes:
+            return "the backend has not started"
+        for name, process in sorted(state.processes.items()):
+            if not process.alive:
+                return f"{name} is not running ({process.last_error or 'no error recorded'})"
+            if process.restarts > 0:
+                return f"{name} restarted {process.restarts} time(s): {process.last_error}"
+        connection = state.backend_connection
+        before = self.before.backend_connection
+        # a report the state held before the change is the previous backend's
+        fresh = connection is not None and (before is None or connection.since != before.since)
+        if self.needs_broker and (connection is None or not fresh or not connection.connected):
+            detail = connection.detail if (connection is not None and fresh) else "no report since"
+            return f"the backend is not connected to the broker ({detail})"
+        for name, process in sorted(state.processes.items()):
+            previous = self.before.processes.get(name)
+            started = process.started_at
+            if started is None or (previous is not None and previous.started_at == started):
+                return f"{name} has not started since the change"
+            if now - self._running_since[(name, started)] < self.stable_seconds:
+                return f"{name} has not run for {self.stable_seconds:.0f} s yet"
+        if self.needs_broker and connection is not None:
+            acknowledged = connection.last_acknowledgment
+            if acknowledged is None or (
+                before is not None and acknowledged == before.last_acknowledgment
+            ):
+                return "the broker has not acknowledged a message since the change"
+        return None

@@ -65,8 +65,8 @@ def start_mainloop(timeout: float = 60.0) -> int:
             stderr=output,
             start_new_session=True,
         )
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if process.poll() is not None:
             raise MainloopToggleError(
                 f"the main loop exited with code {process.returncode}:\n"
@@ -93,12 +93,12 @@ def stop_mainloop(timeout: float) -> None:
         os.kill(pid, signal.SIGTERM)
     except (psutil.NoSuchProcess, ProcessLookupError):
         family = []
-    deadline = time.time() + timeout
-    while is_running() and time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while is_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     # the lock goes with the last file descriptor, a moment before the process
     # itself: wait for every process that was there when we asked
-    _, alive = psutil.wait_procs(family, timeout=max(1.0, deadline - time.time()))
+    _, alive = psutil.wait_procs(family, timeout=max(1.0, deadline - time.monotonic()))
     for process in alive:
         try:
             process.kill()

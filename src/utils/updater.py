@@ -381,11 +381,11 @@ class Updater:
             ("tests", lambda: self.run_pytests(version, PYTEST_MARKER), "VERIFIED"),
         ]
         for step, action, reached in steps:
-            started = time.time()
+            started = time.monotonic()
             with StateInterface.update() as state:
                 if state.update_in_progress is not None:
                     state.update_in_progress.step = step
-                    state.update_in_progress.step_started_at = started
+                    state.update_in_progress.step_started_at = time.time()
             try:
                 action()
             except Exception as e:
@@ -394,7 +394,7 @@ class Updater:
                 foreign_config,
                 "progress",
                 step=step,
-                step_seconds=time.time() - started,
+                step_seconds=time.monotonic() - started,
                 software_update=reached,
             )
 

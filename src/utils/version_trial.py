@@ -35,7 +35,7 @@ import tum_esm_utils.validators
 from src import constants
 from src.types.config import TrialConfig, secret_values
 
-from .health import fatal_problem, health_problem
+from .health import HealthWatch, fatal_problem
 from .source_download import version_directory
 from .state_interface import StateInterface
 from .step_runner import die_with_parent, output_tail
@@ -164,7 +164,11 @@ class Guard:
         os.makedirs(constants.LOGS_DIR, exist_ok=True)
         environment = {key: v for key, v in os.environ.items() if key != "NOTIFY_SOCKET"}
         environment[GUARD_ENVIRONMENT_VARIABLE] = str(os.getpid())
-        started = time.time()  # compared with the candidate's reports in the state
+        health = HealthWatch(
+            StateInterface.load(),
+            candidate.stable_seconds,
+            _candidate_has_backend(candidate.version),
+        )
         started_monotonic = time.monotonic()  # the deadline: immune to clock steps
         with open(candidate_output_path(candidate.version), "ab") as output:
             self.process = subprocess.Popen(
@@ -197,8 +201,7 @@ class Guard:
                 self._stop_candidate()
                 return "unhealthy", "rolled back by hand (`ivy rollback`)"
             state = StateInterface.load()
-            needs_broker = _candidate_has_backend(candidate.version)
-            problem = health_problem(state, started, candidate.stable_seconds, needs_broker)
+            problem = health.problem(state)
             if problem is None:
                 self._stop_candidate()
                 return "healthy", ""
