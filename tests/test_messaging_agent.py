@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -168,8 +169,7 @@ def test_the_cap_never_drops_rows_already_sent_so_the_drop_count_is_exact() -> N
     # the broker, then the cap dropped them and counted them as never delivered
     agent = MessagingAgent(capped_config(1000))
     agent.add_messages([data(i) for i in range(1000)])
-    in_flight = agent.get_oldest_rows(50)
-    agent.mark_sent(in_flight[-1].id)
+    in_flight = agent.take_rows_to_send(50)
     agent.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops
     kept = [m.body for m in agent.get_n_latest_messages(2000)]
     assert kept[:50] == [data(i) for i in range(50)]  # sent: they may have arrived
@@ -185,14 +185,45 @@ def test_the_cap_never_drops_rows_already_sent_so_the_drop_count_is_exact() -> N
 def test_the_sent_mark_survives_a_new_process_and_never_moves_back() -> None:
     agent = MessagingAgent(capped_config(1000))
     agent.add_messages([data(i) for i in range(1000)])
-    agent.mark_sent(20)
-    agent.mark_sent(10)  # a backend that rewound: the mark stays
+    assert len(agent.take_rows_to_send(20)) == 20
+    rewound = MessagingAgent(capped_config(1000))  # a backend started again
+    assert len(rewound.take_rows_to_send(10)) == 10  # the mark stays at 20
     agent.close()
     again = MessagingAgent(capped_config(1000))  # e.g. the producer after a restart
     again.add_messages([data(i) for i in range(1000, 1100)])  # the cap drops
     kept = [m.body for m in again.get_n_latest_messages(30)]
     assert kept[:20] == [data(i) for i in range(20)]
     assert data(20) not in kept
+
+
+def _produce_at_the_cap(batches: int) -> None:
+    agent = MessagingAgent(capped_config(1000))
+    for _ in range(batches):
+        agent.add_messages([data(i) for i in range(10)])
+
+
+def test_a_row_taken_to_send_is_never_dropped_by_a_producer_at_the_cap() -> None:
+    # the second chaos soak: a producer's cap dropped rows between the backend's
+    # read and its mark; they went out anyway and were counted as dropped too
+    agent = MessagingAgent(capped_config(1000))
+    producer = multiprocessing.get_context("fork").Process(
+        target=_produce_at_the_cap, args=(2_000,)
+    )
+    producer.start()
+    taken, cursor = 0, 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = agent.take_rows_to_send(5, after_id=cursor)
+        if rows:
+            cursor = rows[-1].id
+            taken += len(rows)
+            agent.remove_messages([row.id for row in rows])  # acknowledged at once
+        elif not producer.is_alive():
+            break
+    producer.join(30)
+    assert producer.exitcode == 0
+    assert agent.get_dropped_count("data") > 0  # the cap was reached throughout
+    assert taken + agent.get_dropped_count("data") == 20_000
 
 
 def test_cap_drops_oldest_data_first_and_counts() -> None:

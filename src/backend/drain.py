@@ -59,7 +59,6 @@ class Drainer:
         self.rows_of_publish: dict[int, list[int]] = {}
         self.publishes_per_row: dict[int, int] = {}
         self.fetched_up_to = 0  # every row up to here is in flight or deleted
-        self.marked_sent_up_to = 0  # the queue's durable mark, as far as we moved it
         self.in_flight_above_cursor: set[int] = set()  # only after a rewind
         self.solo_rows: set[int] = set()  # suspects: each travels alone
         self.poisoned_rows: dict[int, str] = {}  # row -> why it goes out as an error
@@ -292,7 +291,7 @@ class Drainer:
         published_any = False
         limit = 1 if self.one_at_a_time else self.backend.max_parallel_messages
         while len(self.rows_of_publish) < limit:
-            rows = self.messaging_agent.get_oldest_rows(
+            rows = self.messaging_agent.take_rows_to_send(
                 1 if self.one_at_a_time else _ROWS_PER_FETCH,
                 excluded_message_ids=self.in_flight_above_cursor | self.held_rows.keys(),
                 after_id=self.fetched_up_to,
@@ -303,9 +302,6 @@ class Drainer:
                     self.one_at_a_time = False
                     self.solo_rows.clear()
                 break
-            if rows[-1].id > self.marked_sent_up_to:
-                self.messaging_agent.mark_sent(rows[-1].id)
-                self.marked_sent_up_to = rows[-1].id
             # every payload of these rows goes out, even past the limit (paho
             # keeps the surplus queued, off the wire): a row is deleted only
             # when each of its parts is acknowledged. Outstanding publishes

@@ -180,6 +180,7 @@ class MessagingAgent:
                 "for inspection: move it aside to start a new queue"
             ) from None
         self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
+        self._sent_up_to_seen = 0  # the mark as far as this process moved it
 
     def _migrate(self) -> None:
         """Bring the schema up to `QUEUE_SCHEMA_VERSION`, inside the caller's
@@ -368,17 +369,29 @@ class MessagingAgent:
                 ).rowcount
             self._add_to_counter("removed", removed)
 
-    def mark_sent(self, up_to_id: int) -> None:
-        """Record that the rows up to `up_to_id` are about to be published: from
-        now on they may reach the broker, so the size cap leaves them alone
-        until they are acknowledged. Called by the backend before it publishes
-        rows above the mark, so the mark is durable before any of them leaves."""
+    def take_rows_to_send(
+        self, n: int, excluded_message_ids: Iterable[int] = (), after_id: int = 0
+    ) -> list[QueueRow]:
+        """`get_oldest_rows`, and the durable `sent_up_to` mark moved past them
+        in the same write transaction: from now on they may reach the broker, so
+        the size cap leaves them alone until they are acknowledged. Read and
+        mark are one transaction because a producer's cap could otherwise drop
+        a row between them that then goes out anyway, counted as dropped (one
+        in the 30-minute soak). Called by the backend's drain loop."""
+        rows = self.get_oldest_rows(n, excluded_message_ids, after_id)
+        if not rows or rows[-1].id <= self._sent_up_to_seen:
+            return rows  # already under the mark: no write needed
         with self._transaction():
-            self.connection.execute(
-                "INSERT INTO counters (name, value) VALUES ('sent_up_to', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
-                (up_to_id,),
-            )
+            rows = self.get_oldest_rows(n, excluded_message_ids, after_id)
+            if rows:
+                self.connection.execute(
+                    "INSERT INTO counters (name, value) VALUES ('sent_up_to', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                    (rows[-1].id,),
+                )
+        if rows:
+            self._sent_up_to_seen = max(self._sent_up_to_seen, rows[-1].id)
+        return rows
 
     # --- inspecting -------------------------------------------------------------
 
