@@ -378,12 +378,9 @@ class MessagingAgent:
         mark are one transaction because a producer's cap could otherwise drop
         a row between them that then goes out anyway, counted as dropped (one
         in the 30-minute soak). Called by the backend's drain loop."""
-        rows = self.get_oldest_rows(n, excluded_message_ids, after_id)
-        if not rows or rows[-1].id <= self._sent_up_to_seen:
-            return rows  # already under the mark: no write needed
         with self._transaction():
             rows = self.get_oldest_rows(n, excluded_message_ids, after_id)
-            if rows:
+            if rows and rows[-1].id > self._sent_up_to_seen:
                 self.connection.execute(
                     "INSERT INTO counters (name, value) VALUES ('sent_up_to', ?) "
                     "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
