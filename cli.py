@@ -576,7 +576,7 @@ def update() -> None:
 def update_status() -> None:
     """Print the update journal and the update in progress, as JSON."""
     from src.utils.state_interface import StateInterface
-    from src.utils.update_journal import journal_path, load_journal
+    from src.utils.update.journal import journal_path, load_journal
 
     state = StateInterface.load()
     in_progress = state.update_in_progress
@@ -600,9 +600,9 @@ def rollback() -> None:
     rolls the candidate back; otherwise the station is stopped, the pointer
     goes back to the previous version (this one is marked bad) and the
     station is started again if it ran."""
-    from src.utils.update_journal import Candidate, load_journal, save_journal
+    from src.utils.update.journal import Candidate, load_journal, save_journal
+    from src.utils.update.version_trial import finish_rollback
     from src.utils.updater import cli_pointer_path
-    from src.utils.version_trial import finish_rollback
 
     journal = load_journal()
     candidate = journal.candidate
@@ -655,7 +655,7 @@ def setup(
     venv, the config, and the CLI pointer <root>/ivy-cli.sh. A token for a
     private repository comes from the environment variable IVY_ACCESS_TOKEN
     (never an argument, which `ps` would show)."""
-    from src.utils.station_setup import SetupError, set_up_station
+    from src.utils.update.station_setup import SetupError, set_up_station
 
     try:
         pointer = set_up_station(

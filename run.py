@@ -43,7 +43,7 @@ def _exec_pointer() -> int:
 def _guard_trial() -> int:
     """Judge the version on trial, then become the version the pointer names
     (unless the guard was told to stop)."""
-    from src.utils.version_trial import Guard
+    from src.utils.update.version_trial import Guard
 
     with contextlib.ExitStack() as stack:
         if not _lock_or_fail(stack):
@@ -56,7 +56,7 @@ def main() -> int:
     """Run the main loop in the foreground; used by `ivy start` and by systemd."""
     from src import procedures  # noqa: F401 - registers their config sections
     from src.types import Config, ConfigError
-    from src.utils import version_trial
+    from src.utils.update import version_trial
 
     with contextlib.ExitStack() as stack:
         # a candidate on trial runs under its guard, which holds the lock for it

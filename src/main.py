@@ -18,15 +18,16 @@ from src import backend, constants, procedures
 from src.types import Config, ConfigMessageBody, ForeignConfig
 from src.types.config import TrialConfig
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
-from src.utils.health import HealthWatch, fatal_problem
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
-from src.utils.source_download import remove_stale_staging
 from src.utils.state_interface import StateInterface
 from src.utils.systemd_notify import notify, watchdog
-from src.utils.update_journal import load_journal, save_journal
-from src.utils.update_worker import UpdateJob
+from src.utils.update.health import HealthWatch, fatal_problem
+from src.utils.update.journal import load_journal, save_journal
+from src.utils.update.source import remove_stale_staging
+from src.utils.update.version_trial import is_guarded
+from src.utils.update.worker import UpdateJob
 from src.utils.updater import (
     Reconfigure,
     StartUpdate,
@@ -35,7 +36,6 @@ from src.utils.updater import (
     forget_interrupted_update,
     previous_config_path,
 )
-from src.utils.version_trial import is_guarded
 
 _MAX_WAIT_SECONDS = 0.5
 _ARCHIVE_FLUSH_INTERVAL = 2.0

@@ -18,7 +18,7 @@ import pytest
 from benchmarks.production import git
 from src import constants
 from src.types import UpdaterConfig
-from src.utils.source_download import (
+from src.utils.update.source import (
     DownloadError,
     download_source_code,
     remove_stale_staging,

@@ -17,10 +17,10 @@ from tum_esm_utils.validators import Version
 
 from src import constants
 from src.types import Config, ForeignConfig
-from src.utils import dependency_install
 from src.utils.state_interface import StateInterface
-from src.utils.step_runner import OUTPUT_TAIL_CHARACTERS, StepError, output_tail, run_command
-from src.utils.update_worker import UpdateJob
+from src.utils.update import dependencies as dependency_install
+from src.utils.update.commands import OUTPUT_TAIL_CHARACTERS, StepError, output_tail, run_command
+from src.utils.update.worker import UpdateJob
 from src.utils.updater import Updater
 from tests.conftest import PROJECT_DIR, template_config_dict, wait_until
 

@@ -41,13 +41,13 @@ from src.types.config import format_validation_error, secret_values
 from src.types.messages import SoftwareUpdateState
 from src.types.state import ConfigOutcome
 
-from .dependency_install import install_locked_dependencies
 from .logger import Logger
 from .messaging_agent import MessagingAgent
-from .source_download import download_source_code, version_directory
 from .state_interface import StateInterface
-from .step_runner import StepError, mask, run_command
-from .update_journal import Candidate, ConfigTrialRecord, load_journal, save_journal
+from .update.commands import StepError, mask, run_command
+from .update.dependencies import install_locked_dependencies
+from .update.journal import Candidate, ConfigTrialRecord, load_journal, save_journal
+from .update.source import download_source_code, version_directory
 
 _REJECTED_REVISIONS_KEPT = 32
 _OUTCOMES_KEPT = 16
@@ -515,7 +515,7 @@ class Updater:
         handled. The pointer does not move yet: the main loop hands over to
         the guard (`version_trial`), which commits or rolls back. Called by
         the main loop."""
-        from .version_trial import trial_settings
+        from .update.version_trial import trial_settings
 
         version = foreign_config.general.software_version
         revision = foreign_config.general.config_revision

@@ -19,15 +19,15 @@ from src.types import UpdaterConfig
 from src.types.atomic_file import write_atomically
 from src.types.config import format_validation_error
 
-from .dependency_install import install_locked_dependencies
-from .source_download import DownloadError, download_source_code, version_directory
-from .step_runner import StepError
-from .updater import (
+from ..updater import (
     INSTALL_TIMEOUT_SECONDS,
     Updater,
     check_config_with_version,
     cli_pointer_path,
 )
+from .commands import StepError
+from .dependencies import install_locked_dependencies
+from .source import DownloadError, download_source_code, version_directory
 
 ROOT_ENV_FILE = ".env"
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from src import constants
 
-from .step_runner import StepError, run_command
+from .commands import StepError, run_command
 
 # the same pins as .ci/setup (a test keeps them equal)
 TOOL_REQUIREMENTS: tuple[str, ...] = (

@@ -35,13 +35,13 @@ import tum_esm_utils.validators
 from src import constants
 from src.types.config import TrialConfig, secret_values
 
+from ..state_interface import StateInterface
+from ..systemd_notify import notify, watchdog
+from ..updater import Updater, cli_pointer_path
+from .commands import die_with_parent, output_tail
 from .health import HealthWatch, fatal_problem
-from .source_download import version_directory
-from .state_interface import StateInterface
-from .step_runner import die_with_parent, output_tail
-from .systemd_notify import notify, watchdog
-from .update_journal import Candidate, PendingAnswer, load_journal, save_journal
-from .updater import Updater, cli_pointer_path
+from .journal import Candidate, PendingAnswer, load_journal, save_journal
+from .source import version_directory
 
 GUARD_ENVIRONMENT_VARIABLE = "IVY_GUARDED_BY"
 _POLL_SECONDS = 0.5

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from src.types import Config, ForeignConfig
 from src.types.state import UpdateProgress
 
-from .logger import Logger
-from .messaging_agent import MessagingAgent
-from .state_interface import StateInterface
-from .updater import (
+from ..logger import Logger
+from ..messaging_agent import MessagingAgent
+from ..state_interface import StateInterface
+from ..updater import (
     CONFIG_CHECK_TIMEOUT_SECONDS,
     INSTALL_TIMEOUT_SECONDS,
     TESTS_TIMEOUT_SECONDS,
