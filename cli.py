@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 refused or not running, 2 usage error.
 from __future__ import annotations
 
 import collections
-import getpass
 import json
 import os
 import shlex
@@ -21,7 +20,7 @@ import click
 from src import constants
 from src import procedures as procedure_modules
 from src.types import Config, ConfigError
-from src.types.config import secret_values
+from src.types.config import MIN_MASKED_SECRET_LENGTH, secret_values
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
 from src.utils.log_reader import (
@@ -31,7 +30,6 @@ from src.utils.log_reader import (
     parse_time_argument,
     read_entries,
 )
-from src.utils.logger import MIN_MASKED_SECRET_LENGTH
 from src.utils.message_export import select_messages, write_messages
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.station_status import collect_status, health_problems
@@ -79,6 +77,10 @@ def start() -> None:
     """Start the main loop in the background; return once it is up."""
     for problem in _config_warnings(_load_config_or_fail()):
         click.echo(f"warning: {problem}", err=True)
+    from src.utils.station_status import trust_lines
+
+    for line in trust_lines():
+        click.echo(f"trust: {line}", err=True)
     try:
         pid = mainloop_toggle.start_mainloop()
     except mainloop_toggle.MainloopToggleError as e:
@@ -237,6 +239,9 @@ def _print_status(s: dict[str, Any]) -> None:
     click.echo(
         f"disk:    {d['free_gb']:.1f} GB free on the data partition, {d['used_percent']}% used"
     )
+    for line in s["trust"]:
+        warn = line.split(":")[0].isupper() or line.startswith(("no trust", "the trust"))
+        click.echo(f"trust:   {_paint(line, 'red') if warn else line}")
     if s["processes"]:
         click.echo(f"\n  {'PROCESS':<20}{'STATE':<14}{'PID':<9}{'RESTARTS':<10}LAST ERROR")
         for name, p in s["processes"].items():
@@ -447,7 +452,7 @@ def _boot_commands() -> tuple[list[str], list[str]]:
     """(foreground command, background start command): through the CLI
     pointer in a production root, so that boot always runs the version the
     updater switched to; this checkout's own files otherwise."""
-    from src.utils.updater import cli_pointer_path
+    from src.utils.update.paths import cli_pointer_path
 
     pointer = cli_pointer_path()
     if os.path.isfile(pointer):
@@ -456,10 +461,37 @@ def _boot_commands() -> tuple[list[str], list[str]]:
     return [python, cli_py, "run"], [python, cli_py, "start"]
 
 
+def _station_user() -> str:
+    """Who the station runs as at boot: the owner of its data directory (or
+    root directory), unless that is root; then `ivy`, a user to create."""
+    import pwd
+
+    for path in (constants.DATA_DIR, constants.ROOT_DIR):
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            continue
+        if owner != 0:
+            try:
+                return pwd.getpwuid(owner).pw_name
+            except KeyError:
+                return str(owner)
+    return "ivy"
+
+
 @cli.command()
 @click.argument("kind", type=click.Choice(["systemd", "cron"]))
-def boot(kind: str) -> None:
-    """Print a systemd unit or a crontab line that starts Ivy at boot."""
+@click.option(
+    "--user",
+    "user",
+    help="Run the station as this user (default: the owner of the data directory, "
+    "or `ivy` when that is root).",
+)
+def boot(kind: str, user: str | None) -> None:
+    """Print a systemd unit or a crontab line that starts Ivy at boot. The
+    unit runs the station as an unprivileged user in systemd's sandbox: no new
+    privileges, a read-only system, write access to the production root only,
+    and the trust policy read-only even there."""
     foreground, background = _boot_commands()
     if kind == "cron":
         # every minute: `start` does nothing while Ivy runs, and brings it back if not
@@ -469,37 +501,68 @@ def boot(kind: str) -> None:
         config: Config | None = Config.load()
     except ConfigError:
         config = None
-    click.echo(
-        "\n".join(
-            [
-                "# /etc/systemd/system/ivy.service",
-                "[Unit]",
-                "Description=Ivy data-acquisition supervisor",
-                "Wants=network-online.target",
-                "After=network-online.target",
-                "",
-                "[Service]",
-                "# the main loop (or the guard of a version on trial) says READY=1 and",
-                "# WATCHDOG=1; one that hangs is restarted",
-                "Type=notify",
-                "NotifyAccess=main",
-                f"WatchdogSec={int(_stop_timeout(config)) + 60}",
-                f"User={getpass.getuser()}",
-                f"WorkingDirectory={constants.ROOT_DIR}",
-                f"Environment=IVY_ROOT_DIR={constants.ROOT_DIR}",
-                f"Environment=IVY_DATA_DIR={constants.DATA_DIR}",
-                f"ExecStart={shlex.join(foreground)}",
-                "# SIGTERM to the main loop only; it stops its children in order",
-                "KillMode=mixed",
-                f"TimeoutStopSec={int(_stop_timeout(config))}",
-                "Restart=always",
-                "RestartSec=5",
-                "",
-                "[Install]",
-                "WantedBy=multi-user.target",
-            ]
-        )
-    )
+    from src.utils.update.paths import trust_directory
+
+    user = user or _station_user()
+    writable = sorted({constants.ROOT_DIR, constants.DATA_DIR})
+    lines = [
+        "# /etc/systemd/system/ivy.service",
+        "[Unit]",
+        "Description=Ivy data-acquisition supervisor",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "# the main loop (or the guard of a version on trial) says READY=1 and",
+        "# WATCHDOG=1; one that hangs is restarted",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"WatchdogSec={int(_stop_timeout(config)) + 60}",
+        "# an unprivileged user; the trust policy belongs to root (group: this user):",
+        f"#   useradd --system --create-home {user}   (if it does not exist)",
+        f"#   chown -R {user}: {constants.ROOT_DIR}",
+        f"#   chown -R root:{user} {trust_directory()}",
+        f"User={user}",
+        f"WorkingDirectory={constants.ROOT_DIR}",
+        f"Environment=IVY_ROOT_DIR={constants.ROOT_DIR}",
+        f"Environment=IVY_DATA_DIR={constants.DATA_DIR}",
+        f"ExecStart={shlex.join(foreground)}",
+        "# SIGTERM to the main loop only; it stops its children in order",
+        "KillMode=mixed",
+        f"TimeoutStopSec={int(_stop_timeout(config))}",
+        "Restart=always",
+        "RestartSec=5",
+        "# sandbox: code that got in anyway cannot widen what the station trusts",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        f"ReadWritePaths={' '.join(writable)}",
+        f"ReadOnlyPaths={trust_directory()}",
+        "PrivateTmp=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "# instruments on serial ports: SupplementaryGroups=dialout",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _read_config_file(path: str) -> bytes:
+    from src.utils.update.admission import MAX_CONFIG_BYTES
+
+    try:
+        with open(path, "rb") as f:
+            content = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        _fail(f"{path}: {e.strerror}")
+    if len(content) > MAX_CONFIG_BYTES:
+        _fail(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    return content
 
 
 @config.command("apply")
@@ -512,32 +575,57 @@ def boot(kind: str) -> None:
 )
 def config_apply(path: str, wait: float) -> None:
     """Apply a config file the way a remote config is applied: the same
-    checks, acknowledgements and (for another software version) update."""
-    from src.types import ForeignConfig
-    from src.utils.state_interface import StateInterface
-    from src.utils.updater import MAX_CONFIG_BYTES, config_revision_is_new, queue_pending_config
+    checks, acknowledgements and (for another software version) update. A
+    local file needs no signature; a signed envelope is verified all the same."""
+    import hashlib
 
+    from src.types import ForeignConfig
+    from src.types.state import PendingConfig
+    from src.utils.state_interface import StateInterface
+    from src.utils.update.admission import is_new, parse_json_object, queue_pending_config
+    from src.utils.update.signatures import SignatureError, is_envelope, verify_envelope
+    from src.utils.update.trust import config_signers_path
+
+    content = _read_config_file(path)
+    raw, error = parse_json_object(content, path)
+    if raw is None:
+        _fail(str(error))
+    running = _load_config_or_fail()
+    signed_at: float | None = None
+    signer: str | None = None
+    if is_envelope(raw):
+        try:
+            verified = verify_envelope(
+                raw, config_signers_path(), running.general.system_identifier
+            )
+        except SignatureError as e:
+            _fail(f"{path}: {e}")
+        if verified.document.config is None:
+            _fail(f"{path}: a signed patch is applied by `ivy fleet`, not here")
+        raw = verified.document.config
+        signed_at, signer = verified.document.signed_at, verified.signer
     try:
-        with open(path, "rb") as f:
-            content = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        _fail(f"{path}: {e.strerror}")
-    if len(content) > MAX_CONFIG_BYTES:
-        _fail(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        foreign = ForeignConfig.load_from_string(content.decode("utf-8", errors="replace"))
+        foreign = ForeignConfig.load_from_string(json.dumps(raw))
     except ConfigError as e:
         _fail(f"{path}: {e}")
+    pending = PendingConfig(
+        config=foreign,
+        origin="local",
+        digest=hashlib.sha256(content).hexdigest(),
+        signed_at=signed_at,
+        signer=signer,
+    )
     revision = foreign.general.config_revision
-    running = _load_config_or_fail()
     state = StateInterface.load()
-    if not config_revision_is_new(revision, running.general.config_revision, state):
+    if not is_new(pending, running.general.config_revision, state):
+        if signed_at is not None:
+            _fail(f"{path}: signed before the newest signed config this station handled")
         _fail(
             f"general.config_revision: {revision} is not newer than the last handled "
             f"({state.highest_handled_config_revision}) or the running "
             f"({running.general.config_revision}) revision, or was rejected already"
         )
-    queue_pending_config(foreign)
+    queue_pending_config(pending)
     if not mainloop_toggle.is_running():
         click.echo(f"queued config revision {revision}; Ivy applies it when it starts")
         return
@@ -567,6 +655,178 @@ def _wait_for_config_outcome(revision: int, wait: float) -> None:
     click.echo("no outcome yet; follow it with `ivy status` and `ivy logs`")
 
 
+def _parse_duration(value: str) -> float:
+    """`30min`, `12h`, `7d`, `90s` -> seconds."""
+    units = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+    for unit in sorted(units, key=len, reverse=True):
+        if value.endswith(unit):
+            try:
+                number = float(value[: -len(unit)])
+            except ValueError:
+                break
+            if number > 0:
+                return number * units[unit]
+    raise click.BadParameter(f"{value!r} is not a duration such as 90s, 30min, 12h or 7d")
+
+
+@config.command("sign")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--key",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Your OpenSSH private key (or the public key of one in ssh-agent).",
+)
+@click.option(
+    "--stations",
+    help="Comma-separated station identifiers it is for "
+    "(default: the config's general.system_identifier).",
+)
+@click.option("--expires", help="Refused by stations after this long: 90s, 30min, 12h, 7d.")
+def config_sign(path: str, key: str, stations: str | None, expires: str | None) -> None:
+    """Sign a config for the stations it is for and print the envelope that
+    goes where a config goes (Tenta's `configuration`, ThingsBoard's
+    `configuration` attribute). Run it on the operator's machine: the key
+    never goes near a station."""
+    from src.types.config import general_field_of
+    from src.utils.update.admission import parse_json_object
+    from src.utils.update.signatures import (
+        SignatureError,
+        envelope,
+        sign_text,
+        signed_document_text,
+    )
+
+    raw, error = parse_json_object(_read_config_file(path), path)
+    if raw is None:
+        _fail(str(error))
+    if stations:
+        targets = [s.strip() for s in stations.split(",") if s.strip()]
+    else:
+        identifier = general_field_of(raw, "system_identifier")
+        if not isinstance(identifier, str):
+            _fail(f"{path}: general.system_identifier is missing; name the stations (--stations)")
+        targets = [identifier]
+    expires_in = _parse_duration(expires) if expires else None
+    try:
+        text = signed_document_text(raw, targets, expires_in_seconds=expires_in)
+        signature = sign_text(text, key)
+    except (SignatureError, ValueError) as e:
+        _fail(f"cannot sign: {e}")
+    click.echo(json.dumps(envelope(text, signature)))
+
+
+@cli.group()
+def trust() -> None:
+    """The station's trust policy: who may change it remotely, and how far."""
+
+
+@trust.command("show")
+def trust_show() -> None:
+    """Print what the trust policy means, then the policy itself."""
+    from src.utils.update.trust import TrustError, load_policy, policy_path, summary
+
+    try:
+        policy = load_policy()
+    except TrustError as e:
+        _fail(str(e))
+    for line in summary(policy):
+        click.echo(line)
+    if policy is not None:
+        click.echo(f"\n{policy_path()}:")
+        click.echo(json.dumps(policy.model_dump(mode="json"), indent=2))
+
+
+@trust.command("set")
+@click.option("--config-signers", type=click.Path(dir_okay=False, exists=True))
+@click.option("--release-signers", type=click.Path(dir_okay=False, exists=True))
+@click.option("--accept-unsigned-configs/--require-signed-configs", default=None)
+@click.option("--accept-unsigned-releases/--require-signed-releases", default=None)
+@click.option("--source", type=click.Choice(["git", "github", "gitlab"]))
+@click.option("--repository", help="owner/name, or a git URL or local path.")
+@click.option("--host", help="GitHub or GitLab host (optionally :port).")
+@click.option("--broker-hosts", help='Comma-separated hosts a remote config may use ("*": any).')
+@click.option("--allow-tls-off/--forbid-tls-off", default=None)
+@click.option("--allow-downgrades/--forbid-downgrades", default=None)
+def trust_set(
+    config_signers: str | None,
+    release_signers: str | None,
+    accept_unsigned_configs: bool | None,
+    accept_unsigned_releases: bool | None,
+    source: str | None,
+    repository: str | None,
+    host: str | None,
+    broker_hosts: str | None,
+    allow_tls_off: bool | None,
+    allow_downgrades: bool | None,
+) -> None:
+    """Create or change the trust policy (options left out keep their value).
+    A local command: nothing that arrives over the network can do this."""
+    import pydantic
+
+    from src.utils.update.station_setup import SetupError, read_signers
+    from src.utils.update.trust import (
+        CONFIG_NAMESPACE,
+        RELEASE_NAMESPACE,
+        TrustError,
+        TrustPolicy,
+        has_signers,
+        load_policy,
+        release_signers_path,
+        summary,
+        write_trust,
+    )
+    from src.utils.update.trust import config_signers_path as signers_of_configs
+
+    try:
+        current = load_policy() or TrustPolicy()
+        changes: dict[str, Any] = {
+            "accept_unsigned_configs": accept_unsigned_configs,
+            "accept_unsigned_releases": accept_unsigned_releases,
+            "allow_tls_off": allow_tls_off,
+            "allow_downgrades": allow_downgrades,
+        }
+        updated = current.model_dump()
+        updated.update({k: v for k, v in changes.items() if v is not None})
+        if broker_hosts is not None:
+            updated["broker_hosts"] = [h.strip() for h in broker_hosts.split(",") if h.strip()]
+        if source or repository or host:
+            pinned = updated.get("release_source") or {}
+            updated["release_source"] = {
+                "source": source or pinned.get("source"),
+                "repository": repository or pinned.get("repository"),
+                "host": host if host is not None else pinned.get("host"),
+            }
+        policy = TrustPolicy.model_validate(updated)
+        config_text = (
+            read_signers(config_signers, CONFIG_NAMESPACE, "--config-signers", "")
+            if config_signers
+            else None
+        )
+        release_text = (
+            read_signers(release_signers, RELEASE_NAMESPACE, "--release-signers", "")
+            if release_signers
+            else None
+        )
+    except pydantic.ValidationError as e:
+        _fail(str(e).splitlines()[0] + ": " + "; ".join(x["msg"] for x in e.errors()))
+    except (TrustError, SetupError) as e:
+        _fail(str(e))
+    if not policy.accept_unsigned_configs and not (
+        config_text or has_signers(signers_of_configs())
+    ):
+        _fail("--config-signers FILE is required (or --accept-unsigned-configs, the opt-out)")
+    if (
+        policy.release_source is not None
+        and not policy.accept_unsigned_releases
+        and not (release_text or has_signers(release_signers_path()))
+    ):
+        _fail("--release-signers FILE is required (or --accept-unsigned-releases, the opt-out)")
+    write_trust(policy, config_text, release_text)
+    for line in summary(policy):
+        click.echo(line)
+
+
 @cli.group()
 def update() -> None:
     """Software updates: where the station stands."""
@@ -576,7 +836,8 @@ def update() -> None:
 def update_status() -> None:
     """Print the update journal and the update in progress, as JSON."""
     from src.utils.state_interface import StateInterface
-    from src.utils.update.journal import journal_path, load_journal
+    from src.utils.update.journal import load_journal
+    from src.utils.update.paths import journal_path
 
     state = StateInterface.load()
     in_progress = state.update_in_progress
@@ -600,37 +861,21 @@ def rollback() -> None:
     rolls the candidate back; otherwise the station is stopped, the pointer
     goes back to the previous version (this one is marked bad) and the
     station is started again if it ran."""
-    from src.utils.update.journal import Candidate, load_journal, save_journal
-    from src.utils.update.version_trial import finish_rollback
-    from src.utils.updater import cli_pointer_path
+    from src.utils.update import RollbackError, request_rollback, roll_back_by_hand
+    from src.utils.update.paths import cli_pointer_path
 
-    journal = load_journal()
-    candidate = journal.candidate
-    if candidate is not None and candidate.phase == "trial":
-        candidate.rollback_requested = True
-        save_journal(journal)
-        click.echo(f"asked the guard to roll {candidate.version} back to {candidate.from_version}")
+    asked = request_rollback()
+    if asked is not None:
+        click.echo(asked)
         return
-    previous = journal.previous
-    if previous is None or not os.path.isfile(
-        os.path.join(constants.ROOT_DIR, previous, ".venv", "bin", "python")
-    ):
-        _fail("there is no previous version to go back to")
+    revision = _load_config_or_fail().general.config_revision
     was_running = mainloop_toggle.is_running()
     if was_running:
         mainloop_toggle.stop_mainloop(timeout=_stop_timeout(None))
-    problem = "rolled back by hand (`ivy rollback`)"
-    by_hand = Candidate(
-        version=constants.VERSION.root,
-        from_version=previous,
-        config_revision=_load_config_or_fail().general.config_revision,
-        switched_at=time.time(),
-        phase="rolling_back",
-        problem=problem,
-    )
-    journal.candidate = by_hand
-    save_journal(journal)
-    finish_rollback(by_hand, problem)
+    try:
+        previous = roll_back_by_hand(revision)
+    except RollbackError as e:
+        _fail(str(e))
     click.echo(f"the pointer names {previous} again; {constants.VERSION.root} is marked bad")
     if was_running:
         pointer = cli_pointer_path()
@@ -646,34 +891,93 @@ def rollback() -> None:
 )
 @click.option("--repository", required=True, help="owner/name, or a git URL or local path.")
 @click.option("--version", "version", required=True, help="The version to install (tag v<V>).")
-@click.option("--host", help="GitLab host (optionally :port).")
+@click.option("--host", help="GitHub or GitLab host (optionally :port).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--config-signers",
+    type=click.Path(dir_okay=False, exists=True),
+    help="OpenSSH public keys (or an allowed_signers file) whose signatures make a remote "
+    "config acceptable.",
+)
+@click.option(
+    "--release-signers",
+    type=click.Path(dir_okay=False, exists=True),
+    help="OpenSSH public keys (or an allowed_signers file) that sign release tags.",
+)
+@click.option(
+    "--accept-unsigned-configs",
+    is_flag=True,
+    help="Opt out of config signatures: anyone who can publish on the config topic can "
+    "change this station.",
+)
+@click.option("--accept-unsigned-releases", is_flag=True, help="Opt out of release tag signatures.")
+@click.option(
+    "--broker-hosts",
+    help='Hosts a remote config may point a backend at (default: those of --config; "*": any).',
+)
+@click.option("--allow-tls-off", is_flag=True, help="A remote config may turn TLS off.")
+@click.option("--allow-downgrades", is_flag=True, help="A remote config may ask for older.")
 def setup(
-    root: str, source: str, repository: str, version: str, host: str | None, config_path: str | None
+    root: str,
+    source: str,
+    repository: str,
+    version: str,
+    host: str | None,
+    config_path: str | None,
+    config_signers: str | None,
+    release_signers: str | None,
+    accept_unsigned_configs: bool,
+    accept_unsigned_releases: bool,
+    broker_hosts: str | None,
+    allow_tls_off: bool,
+    allow_downgrades: bool,
 ) -> None:
-    """Install a first version into ROOT: <root>/<version>/ with its own
-    venv, the config, and the CLI pointer <root>/ivy-cli.sh. A token for a
-    private repository comes from the environment variable IVY_ACCESS_TOKEN
-    (never an argument, which `ps` would show)."""
-    from src.utils.update.station_setup import SetupError, set_up_station
-
-    try:
-        pointer = set_up_station(
-            root=root,
-            source=source,
-            repository=repository,
-            version=version,
-            host=host,
-            config_path=config_path,
-            access_token=os.environ.get("IVY_ACCESS_TOKEN") or None,
-            log_progress=click.echo,
+    """Install a first version into ROOT: the trust policy, <root>/<version>/
+    (its tag's signature verified) with its own venv, the config, and the CLI
+    pointer <root>/ivy-cli.sh. A token for a private repository comes from the
+    environment variable IVY_ACCESS_TOKEN (never an argument, which `ps`
+    would show)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if constants.ROOT_DIR != root:
+        # every path of the setup derives from the root: run again in a
+        # process whose constants point at it
+        os.execve(  # noqa: S606 - this very CLI, no shell
+            sys.executable,
+            [sys.executable, os.path.join(constants.PROJECT_DIR, "cli.py"), *sys.argv[1:]],
+            {**os.environ, "IVY_ROOT_DIR": root},
         )
+    from src.utils.update import SetupError, set_up_station
+    from src.utils.update.station_setup import SetupRequest
+    from src.utils.update.trust import summary
+
+    request = SetupRequest(
+        source=source,
+        repository=repository,
+        version=version,
+        host=host,
+        config_path=os.path.abspath(config_path) if config_path else None,
+        access_token=os.environ.get("IVY_ACCESS_TOKEN") or None,
+        config_signers_path=config_signers,
+        release_signers_path=release_signers,
+        accept_unsigned_configs=accept_unsigned_configs,
+        accept_unsigned_releases=accept_unsigned_releases,
+        broker_hosts=(
+            [h.strip() for h in broker_hosts.split(",") if h.strip()] if broker_hosts else None
+        ),
+        allow_tls_off=allow_tls_off,
+        allow_downgrades=allow_downgrades,
+    )
+    try:
+        pointer = set_up_station(request, log_progress=click.echo)
     except SetupError as e:
         _fail(f"setup failed: {e}")
+    from src.utils.update.trust import load_policy
+
     click.echo(
         "\n".join(
             [
-                f"installed Ivy {version} in {os.path.abspath(root)}",
+                f"installed Ivy {version} in {root}",
+                *(f"trust: {line}" for line in summary(load_policy())),
                 "next:",
                 f"  start it now:        {shlex.quote(pointer)} start",
                 f"  at boot (systemd):   {shlex.quote(pointer)} boot systemd "

@@ -31,7 +31,7 @@ def _lock_or_fail(stack: contextlib.ExitStack) -> bool:
 
 
 def _exec_pointer() -> int:
-    from src.utils.updater import cli_pointer_path
+    from src.utils.update.paths import cli_pointer_path
 
     pointer = cli_pointer_path()
     print(f"continuing as the version {pointer} names", file=sys.stderr)
@@ -43,7 +43,7 @@ def _exec_pointer() -> int:
 def _guard_trial() -> int:
     """Judge the version on trial, then become the version the pointer names
     (unless the guard was told to stop)."""
-    from src.utils.update.version_trial import Guard
+    from src.utils.update import Guard
 
     with contextlib.ExitStack() as stack:
         if not _lock_or_fail(stack):
@@ -56,16 +56,16 @@ def main() -> int:
     """Run the main loop in the foreground; used by `ivy start` and by systemd."""
     from src import procedures  # noqa: F401 - registers their config sections
     from src.types import Config, ConfigError
-    from src.utils.update import version_trial
+    from src.utils.update import is_guarded, resolve_at_start
 
     with contextlib.ExitStack() as stack:
         # a candidate on trial runs under its guard, which holds the lock for it
-        if version_trial.is_guarded():
+        if is_guarded():
             action = "run"
         else:
             if not _lock_or_fail(stack):
                 return 1
-            action = version_trial.resolve_at_start()
+            action = resolve_at_start()
         if action == "run":
             try:
                 config = Config.load()

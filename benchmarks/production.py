@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.signing import Signer, make_signer
 from src import constants
 
 PROJECT_DIR = constants.PROJECT_DIR
@@ -107,9 +108,13 @@ class Releases:
     """A git repository with tags v<BASE> (this checkout) and one per entry
     of `_RELEASES`: the same tree, bumped, plus the entry's additions
     (GOOD: none; BROKEN_TESTS: a failing version_change test; the others a
-    fault that shows only under a version trial's guard)."""
+    fault that shows only under a version trial's guard). Every tag is signed
+    by `release_key`; stations set up from it trust `release_key` for
+    releases and `config_key` for configs."""
 
     repository: str
+    release_key: Signer
+    config_key: Signer
 
     def tarball(self, version: str, extra: dict[str, bytes] | None = None) -> bytes:
         """The release as GitLab serves it (one top-level directory), plus
@@ -154,10 +159,12 @@ def make_releases(repository: str) -> Releases:
         ):
             os.makedirs(os.path.dirname(os.path.join(repository, name)), exist_ok=True)
             shutil.copy2(os.path.join(PROJECT_DIR, name), os.path.join(repository, name))
+    keys = repository.rstrip("/") + "-keys"
+    release_key, config_key = make_signer(keys, "release-manager"), make_signer(keys, "operator")
     git("init", "--quiet", cwd=repository)
     git("add", "-A", cwd=repository)
     git("commit", "--quiet", "-m", BASE, cwd=repository)
-    git("tag", f"v{BASE}", cwd=repository)
+    sign_tag(repository, f"v{BASE}", release_key)
     for version, additions in _RELEASES.items():
         # each release is the base tree, bumped, plus its own additions
         git("reset", "--quiet", "--hard", f"v{BASE}", cwd=repository)
@@ -172,8 +179,25 @@ def make_releases(repository: str) -> Releases:
                 f.write(text)
         git("add", "-A", cwd=repository)
         git("commit", "--quiet", "-m", version, cwd=repository)
-        git("tag", f"v{version}", cwd=repository)
-    return Releases(repository)
+        sign_tag(repository, f"v{version}", release_key)
+    return Releases(repository, release_key, config_key)
+
+
+def sign_tag(repository: str, tag: str, signer: Signer) -> None:
+    """An annotated tag signed with an OpenSSH key, as `git tag -s` with
+    `gpg.format ssh` makes it."""
+    git(
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={signer.private}",
+        "tag",
+        "-s",
+        "-m",
+        tag,
+        tag,
+        cwd=repository,
+    )
 
 
 @dataclass
@@ -280,6 +304,12 @@ def set_up_station(
             BASE,
             "--config",
             config_path,
+            "--config-signers",
+            releases.config_key.public,
+            "--release-signers",
+            releases.release_key.public,
+            "--broker-hosts",
+            "127.0.0.1,localhost",
         ],
         env=env,
         capture_output=True,

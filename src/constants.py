@@ -37,16 +37,24 @@ ROOT_DIR: str = os.path.abspath(
     os.path.expanduser(os.environ.get("IVY_ROOT_DIR", "") or DEFAULT_ROOT_DIR)
 )
 
-_VERSION_DIR_PATTERN = re.compile(r"^\d+\.\d+\.\d+(-(alpha|beta|rc)\.\d+)?$")
+# the name of a version directory `<root>/<version>/` (what `Version` accepts)
+VERSION_PATTERN = re.compile(r"^\d+\.\d+\.\d+(-(alpha|beta|rc)\.\d+)?$")
+
+
+def is_version_directory(path: str, root: str | None = None) -> bool:
+    """Whether `path` is `<root>/<version>` (the production root by default):
+    the one test of where a version lives, used for the data directory's
+    default, the updater and the removal of old versions."""
+    root = ROOT_DIR if root is None else root
+    return os.path.dirname(os.path.abspath(path)) == root and bool(
+        VERSION_PATTERN.match(os.path.basename(os.path.abspath(path)))
+    )
 
 
 def _default_data_dir() -> str:
     """`<root>/data` when this project is a version directory under the root (so
     that the queue survives upgrades), else `<project>/data`."""
-    is_version_dir = os.path.dirname(PROJECT_DIR) == ROOT_DIR and bool(
-        _VERSION_DIR_PATTERN.match(os.path.basename(PROJECT_DIR))
-    )
-    return os.path.join(ROOT_DIR if is_version_dir else PROJECT_DIR, "data")
+    return os.path.join(ROOT_DIR if is_version_directory(PROJECT_DIR) else PROJECT_DIR, "data")
 
 
 DATA_DIR: str = os.path.abspath(

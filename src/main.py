@@ -11,31 +11,18 @@ import multiprocessing.connection
 import os
 import signal
 import time
-from dataclasses import dataclass
 from types import FrameType
 
 from src import backend, constants, procedures
-from src.types import Config, ConfigMessageBody, ForeignConfig
-from src.types.config import TrialConfig
+from src.types import Config, ConfigMessageBody
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from src.utils.systemd_notify import notify, watchdog
-from src.utils.update.health import HealthWatch, fatal_problem
-from src.utils.update.journal import load_journal, save_journal
-from src.utils.update.source import remove_stale_staging
-from src.utils.update.version_trial import is_guarded
-from src.utils.update.worker import UpdateJob
-from src.utils.updater import (
-    Reconfigure,
-    StartUpdate,
-    Updater,
-    deliver_pending_answer,
-    forget_interrupted_update,
-    previous_config_path,
-)
+from src.utils.update import HandOver, RestartWith, UpdateCoordinator, remove_stale_staging
+from src.utils.update.trust import TrustError, load_policy, summary
 
 _MAX_WAIT_SECONDS = 0.5
 _ARCHIVE_FLUSH_INTERVAL = 2.0
@@ -46,32 +33,6 @@ _RETENTION_INTERVAL = 3600.0
 _MAX_ERROR_BACKOFF = 30.0
 
 
-@dataclass
-class ConfigTrial:
-    """A config of this version applied and not yet proven healthy."""
-
-    foreign_config: ForeignConfig
-    settings: TrialConfig
-    health: HealthWatch
-    # the deadline runs on the monotonic clock, so that a wall clock stepped
-    # ahead does not end a trial early (or stepped back, late)
-    started_monotonic: float
-
-    @staticmethod
-    def of(config: Config) -> ConfigTrial:
-        """The trial of `config`, by its own trial settings; created before
-        the children that run it start, so that it can tell their reports from
-        their predecessors'."""
-        return ConfigTrial(
-            config.to_foreign_config(),
-            config.trial,
-            HealthWatch(
-                StateInterface.load(), config.trial.stable_seconds, config.backend is not None
-            ),
-            time.monotonic(),
-        )
-
-
 class Mainloop:
     """The state of one main loop run."""
 
@@ -80,15 +41,12 @@ class Mainloop:
         self.config = config
         self.logger = Logger(config, "main")
         self.messaging_agent = MessagingAgent(config)
-        self.updater = Updater(config, self.logger, self.messaging_agent)
+        self.updater = UpdateCoordinator(config, self.logger, self.messaging_agent)
         self.managers: list[LifecycleManager] = []
         self.stop_requested = False
         self.last_run: dict[str, float] = {}
         self.reported_dropped = self.messaging_agent.get_dropped_count()
         self.published_status: str | None = None
-        self.state_seen: tuple[int, int] | None = None
-        self.update_job: UpdateJob | None = None
-        self.config_trial: ConfigTrial | None = None
         # the version to hand over to once torn down (run.py starts it)
         self.handover_to: str | None = None
 
@@ -156,11 +114,9 @@ class Mainloop:
         )
         for name in remove_stale_staging():
             self.logger.info(f"removed {name}, left by an update that was interrupted")
-        forget_interrupted_update(self.logger)
-        if not is_guarded():  # a candidate does not answer for itself
-            deliver_pending_answer(self.logger, self.messaging_agent)
+        self._announce_trust()
+        self.updater.at_start()
         self._acknowledge_startup()
-        self._resume_config_trial()
         self.start_children()
         notify("READY=1")
         with StateInterface.update() as state:
@@ -181,13 +137,7 @@ class Mainloop:
                 continue
             self._wait_for_next_event()
 
-        if self.update_job is not None:
-            self.logger.warning(
-                "stopping during an update: cancelled it; the config is tried again "
-                "when it next arrives"
-            )
-            self.update_job.cancel()
-            self.update_job = None
+        self.updater.cancel()
         self.logger.info("stopping: tearing down procedures, then backends")
         self.stop_children()
         self.messaging_agent.flush_archive()
@@ -204,8 +154,7 @@ class Mainloop:
         watchdog()
         for manager in self.managers:
             manager.supervise()
-        self._poll_update()
-        self._apply_pending_configs()
+        self._carry_out(self.updater.next_action())
         now = time.monotonic()  # intervals must not stretch when the wall clock is stepped
         if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
             self.messaging_agent.flush_archive()
@@ -214,7 +163,6 @@ class Mainloop:
         if self._due("dropped", _DROP_REPORT_INTERVAL, now):
             self._report_dropped_messages()
         self._publish_status(heartbeat=self._due("heartbeat", _HEARTBEAT_INTERVAL, now))
-        self._judge_config_trial()
 
     def _wait_for_next_event(self) -> None:
         timeout = _MAX_WAIT_SECONDS
@@ -223,8 +171,7 @@ class Mainloop:
             if due is not None:
                 timeout = min(timeout, due)
         sentinels = [s for s in (m.sentinel() for m in self.managers) if s is not None]
-        if self.update_job is not None:
-            sentinels.append(self.update_job.sentinel())
+        sentinels += self.updater.sentinels()
         if sentinels:
             multiprocessing.connection.wait(sentinels, timeout=timeout)
         else:
@@ -239,100 +186,27 @@ class Mainloop:
         revealed = json.loads(self.config.to_json(reveal_secrets=True))
         self.messaging_agent.add_message(ConfigMessageBody.about("startup", revealed))
 
-    def _apply_pending_configs(self) -> None:
-        # configs that arrive during an update or a trial wait in the state
-        if self.update_job is not None or self.handover_to is not None or self.config_trial:
-            return
-        # a backend that queues a config replaces the state file (new inode):
-        # skip the locked read and parse while it has not changed. Our own
-        # heartbeat rewrites it every 10 s, so even a change within one clock
-        # tick is seen soon.
+    def _announce_trust(self) -> None:
         try:
-            stat = os.stat(constants.STATE_PATH)
-        except FileNotFoundError:
-            return
-        version = (stat.st_ino, stat.st_mtime_ns)
-        if version == self.state_seen:
-            return
-        self.state_seen = version
-        if not StateInterface.load().pending_configs:
-            return
-        with StateInterface.update() as state:
-            pending = sorted(state.pending_configs, key=lambda c: c.general.config_revision)
-            state.pending_configs = []
-        for index, foreign_config in enumerate(pending):
-            decision = self.updater.handle(foreign_config)
-            if isinstance(decision, Reconfigure):
-                self.stop_children()
-                self.reconfigure(decision.config)
-                self.config_trial = ConfigTrial.of(decision.config)
-                self.start_children()
-                self._requeue(pending[index + 1 :])
-                return
-            elif isinstance(decision, StartUpdate):
-                self.update_job = UpdateJob.start(self.config, decision.foreign_config)
-                self._requeue(pending[index + 1 :])
-                return
+            lines = summary(load_policy())
+        except TrustError as e:
+            lines = [f"the trust policy cannot be read, so no remote config is taken: {e}"]
+        for line in lines:
+            (self.logger.warning if line.isupper() or "no trust" in line else self.logger.info)(
+                f"trust: {line}"
+            )
 
-    def _requeue(self, configs: list[ForeignConfig]) -> None:
-        if configs:
-            with StateInterface.update() as state:
-                state.pending_configs = [*configs, *state.pending_configs]
-            self.state_seen = None
-
-    def _resume_config_trial(self) -> None:
-        """A config trial that a restart interrupted starts over (a power
-        loss is not the config's fault)."""
-        journal = load_journal()
-        if journal.config_trial is None:
-            return
-        if os.path.isfile(previous_config_path()):
-            self.logger.info("resuming the trial of the config this station was trying")
-            self.config_trial = ConfigTrial.of(self.config)
-        else:
-            journal.config_trial = None
-            save_journal(journal)
-
-    def _judge_config_trial(self) -> None:
-        """Keep a healthy config; put the previous one back when the new one
-        is fatally broken or not healthy by its deadline."""
-        trial = self.config_trial
-        if trial is None:
-            return
-        state = StateInterface.load()
-        problem = trial.health.problem(state)
-        if problem is None:
-            self.updater.accept_tried_config(trial.foreign_config)
-            self.config_trial = None
-            return
-        fatal = fatal_problem(state)
-        deadline = trial.settings.deadline_seconds
-        if fatal is None and time.monotonic() - trial.started_monotonic < deadline:
-            return
-        reason = fatal or f"not healthy {deadline} s after the change: {problem}"
-        previous = self.updater.reject_tried_config(trial.foreign_config, reason)
-        self.config_trial = None
-        self.stop_children()
-        self.reconfigure(previous)
-        self.start_children()
-
-    def _poll_update(self) -> None:
-        """Act on a finished update worker: reject the config with the failed
-        step's reason, or switch the pointer and stop to hand over."""
-        if self.update_job is None:
-            return
-        finished, failure = self.update_job.outcome()
-        if not finished:
-            return
-        foreign_config = self.update_job.foreign_config
-        self.update_job = None
-        self.state_seen = None  # look at configs that waited
-        if failure is not None:
-            self.updater.abandon_update(foreign_config, failure)
-            return
-        self.updater.switch_to(foreign_config)
-        self.handover_to = foreign_config.general.software_version.root
-        self.stop_requested = True
+    def _carry_out(self, action: RestartWith | HandOver | None) -> None:
+        """Do what the updater asked: restart the children with a config (the
+        updater's trial starts watching in between), or stop to hand over."""
+        if isinstance(action, RestartWith):
+            self.stop_children()
+            self.reconfigure(action.config)
+            self.updater.children_stopped()
+            self.start_children()
+        elif isinstance(action, HandOver):
+            self.handover_to = action.version
+            self.stop_requested = True
 
     def reconfigure(self, config: Config) -> None:
         """Use `config` from now on: a new logger, messaging agent (the new
@@ -343,7 +217,7 @@ class Mainloop:
         self.config = config
         self.logger = Logger(config, "main")
         self.messaging_agent = MessagingAgent(config)
-        self.updater = Updater(config, self.logger, self.messaging_agent)
+        self.updater.use(config, self.logger, self.messaging_agent)
 
     def _enforce_retention(self) -> None:
         days = self.config.storage.retention_days

@@ -27,6 +27,7 @@ _SESSION_DIRECTORIES = [
 ]
 os.environ["IVY_DATA_DIR"], os.environ["IVY_ROOT_DIR"] = _SESSION_DIRECTORIES
 
+from benchmarks.signing import Signer, make_signer, trust_station  # noqa: E402
 from src import constants, procedures  # noqa: E402, F401 - registers the procedure sections
 
 # fixtures of the tests on a production root (releases, stations, a broker)
@@ -40,6 +41,29 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 PROJECT_DIR = constants.PROJECT_DIR
+_SIGNERS: list[Signer] = []
+
+
+def operator_key() -> Signer:
+    """The session's operator key: every station the tests make (and the
+    session's own root) trusts it for configs."""
+    if not _SIGNERS:
+        _SIGNERS.append(make_signer(os.path.join(_SESSION_DIRECTORIES[0], "keys"), "operator"))
+    return _SIGNERS[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_trust_policy() -> None:
+    """The session root trusts the operator key for configs on any broker
+    host (what `python -m src.backend` processes of the tests read)."""
+    trust_station(_SESSION_DIRECTORIES[1], [operator_key()])
+
+
+def signed(config: dict[str, Any], **options: Any) -> str:
+    """`config` signed with the session's operator key, as JSON text."""
+    return operator_key().sign_text(config, **options)
+
+
 _DATA_PATH_CONSTANTS = {
     "DATA_DIR": "",
     "STATE_PATH": "state.json",
@@ -85,7 +109,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 
 @dataclass
 class Station:
-    """A copy of the project in a temporary directory with its own data dir."""
+    """A copy of the project in a temporary directory with its own data dir,
+    and a root whose trust policy takes configs signed by the session's
+    operator key (`signed`)."""
 
     project_dir: str
     data_dir: str
@@ -166,6 +192,7 @@ def station(tmp_path: Any) -> Iterator[Station]:
         "PYTHONUNBUFFERED": "1",
     }
     s = Station(project_dir=project_dir, data_dir=env["IVY_DATA_DIR"], env=env)
+    trust_station(env["IVY_ROOT_DIR"], [operator_key()])
     try:
         yield s
     finally:

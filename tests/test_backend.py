@@ -15,7 +15,13 @@ from src.types import Config, ConfigMessageBody, DataMessageBody, LogMessageBody
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from tests.conftest import BackendProcess, Station, template_config_dict, wait_until
+from tests.conftest import (
+    BackendProcess,
+    Station,
+    signed,
+    template_config_dict,
+    wait_until,
+)
 from tests.mqtt_helpers import (
     MQTTBroker,
     Subscriber,
@@ -367,7 +373,14 @@ def test_wrong_password_is_logged_once_and_retried(
 
 
 def pending_revisions() -> list[int]:
-    return [c.general.config_revision for c in StateInterface.load().pending_configs]
+    return [p.config.general.config_revision for p in StateInterface.load().pending]
+
+
+def station_config(**general: Any) -> dict[str, Any]:
+    """A config for this station (signed configs name the stations they are for)."""
+    config = template_config_dict()
+    config["general"].update(system_identifier=STATION, **general)
+    return config
 
 
 def config_answers(agent: MessagingAgent) -> list[dict[str, Any]]:
@@ -378,35 +391,48 @@ def config_answers(agent: MessagingAgent) -> list[dict[str, Any]]:
     ]
 
 
-def test_tenta_configs_retained_invalid_stale_and_duplicate(
+def test_tenta_configs_retained_invalid_replayed_unsigned_and_duplicate(
     any_broker: MQTTBroker, data_dir: str, processes: list[BackendProcess]
 ) -> None:
     broker = any_broker
     config = config_dict(broker.port)
     topic = f"configurations/{STATION}"
-    new_config = template_config_dict()
+    with StateInterface.update() as state:  # the station handled a config signed at 1000 s
+        state.newest_signed_config_at = 1_000.0
+    new_config = json.loads(signed(station_config()))
     publish(broker.port, topic, {"revision": 10, "configuration": new_config}, retain=True)
     start_backend(processes, data_dir, config)
     assert wait_until(lambda: pending_revisions() == [10], timeout=30)  # retained, before connect
 
     publish(broker.port, topic, {"revision": 10, "configuration": new_config})  # duplicate
-    publish(broker.port, topic, {"revision": 2, "configuration": new_config})  # stale
-    bad = template_config_dict()
-    bad["general"]["software_version"] = "one.two"
-    publish(broker.port, topic, {"revision": 11, "configuration": bad})  # invalid
+    replayed = json.loads(signed(station_config(), now=900.0))  # signed before the newest
+    publish(broker.port, topic, {"revision": 12, "configuration": replayed})
+    publish(broker.port, topic, {"revision": 13, "configuration": station_config()})  # unsigned
+    bad = station_config(software_version="one.two")
+    publish(broker.port, topic, {"revision": 11, "configuration": json.loads(signed(bad))})
     agent = agent_for(config)
     subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="config-subscriber")
     assert wait_for_items(subscriber, "acknowledgments/", 1, timeout=30)
+    # only the verified (if invalid) config is acknowledged by revision: nobody
+    # else can plant Tenta's one acknowledgment of a revision
     ack = subscriber.items("acknowledgments/")[0]
     assert ack["revision"] == 11 and ack["success"] is False
-    assert wait_until(
-        lambda: any("general.software_version" in i["message"] for i in subscriber.items("logs/")),
-        timeout=30,
-    )
+
+    def logged(text: str) -> bool:
+        return any(text in item["message"] for item in subscriber.items("logs/"))
+
+    assert wait_until(lambda: logged("general.software_version"), timeout=30)
+    assert wait_until(lambda: logged("a config claiming revision 12 was not accepted"), 30)
+    assert logged("replayed: signed at 1970-01-01 00:15:00 UTC")
+    assert wait_until(lambda: logged("a config claiming revision 13 was not accepted"), 30)
+    assert logged("unsigned: this station takes only configs signed by a key")
+    assert len(subscriber.items("acknowledgments/")) == 1
     assert pending_revisions() == [10]
     publish(broker.port, topic, "not an envelope")
-    time.sleep(1)
+    assert wait_until(lambda: logged("expected a JSON object"), timeout=30)
     assert pending_revisions() == [10]
+    state = StateInterface.load()
+    assert state.rejected_config_revisions == [] and state.highest_handled_config_revision is None
     assert agent.get_queue_depth() == 0 or wait_until(
         lambda: agent.get_queue_depth() == 0, timeout=30
     )
@@ -423,7 +449,7 @@ def test_a_fresh_tenta_station_accepts_revision_0(
     publish(
         broker.port,
         f"configurations/{STATION}",
-        {"revision": 0, "configuration": template_config_dict()},
+        {"revision": 0, "configuration": json.loads(signed(station_config()))},
         retain=True,
     )
     start_backend(processes, data_dir, config)
@@ -435,8 +461,7 @@ def test_thingsboard_config_requested_at_connect_and_pushed(
 ) -> None:
     broker = any_broker
     config = config_dict(broker.port, provider="thingsboard")
-    shared = template_config_dict()
-    shared["general"]["config_revision"] = 20
+    shared = json.loads(signed(station_config(config_revision=20)))
 
     # a stand-in for ThingsBoard's server side: answer attribute requests
     server = Subscriber(broker.port, ["v1/devices/me/attributes/request/+"], client_id="tb-server")
@@ -459,16 +484,12 @@ def test_thingsboard_config_requested_at_connect_and_pushed(
     assert wait_until(answer_requests, timeout=30)
     assert wait_until(lambda: pending_revisions() == [20], timeout=30)
 
-    pushed = template_config_dict()
-    pushed["general"]["config_revision"] = 21
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(pushed)})
+    pushed = signed(station_config(config_revision=21))  # the attribute as a JSON string
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": pushed})
     assert wait_until(lambda: pending_revisions() == [20, 21], timeout=30)
 
-    publish(
-        broker.port,
-        "v1/devices/me/attributes",
-        {"configuration": {"general": {"config_revision": 22}}},
-    )
+    broken = {"general": {"config_revision": 22, "system_identifier": STATION}}
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.loads(signed(broken))})
 
     def rejections() -> list[dict[str, Any]]:
         return [

@@ -110,7 +110,7 @@ def test_a_message_on_an_unexpected_topic_is_logged_once(
         time.sleep(1)
         lines = [line for line in log_text().splitlines() if "unexpected topic" in line]
         assert len(lines) == 1 and f"configurations/{old}" in lines[0]
-        assert StateInterface.load().pending_configs == []
+        assert StateInterface.load().pending == []
 
 
 def test_ivy_config_check_refuses_a_dotted_identifier_and_warns_about_short_secrets(

@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.chaos.station import build_clock_shim, step_wall_clock
 from benchmarks.mosquitto import Broker
-from tests.conftest import Station, template_config_dict, wait_until
+from tests.conftest import Station, signed, template_config_dict, wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, publish
 
 pytestmark = pytest.mark.integration
@@ -108,7 +108,7 @@ def test_a_config_whose_broker_port_is_wrong_is_rolled_back_and_the_old_one_deli
     assert wait_until(lambda: _data_count(subscriber) >= 2, timeout=60)
     wrong = _config(broker, 2)
     wrong["backend"]["mqtt_port"] = _free_port()
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(wrong)})
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": signed(wrong)})
 
     assert wait_until(lambda: bool(_answers(subscriber, 2)), timeout=120, interval=0.5)
     answer = _answers(subscriber, 2)[0]
@@ -137,7 +137,7 @@ def test_a_config_that_makes_a_procedure_crash_at_start_is_rolled_back(
 
     broken = _config(broker, 2)
     broken["fragile"] = {"crash_at_start": True}
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(broken)})
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": signed(broken)})
     assert wait_until(lambda: bool(_answers(subscriber, 2)), timeout=60, interval=0.5)
     answer = _answers(subscriber, 2)[0]
     assert answer["config_status"] == "rejected"
@@ -155,7 +155,7 @@ def test_a_config_that_makes_a_procedure_crash_at_start_is_rolled_back(
     fixed = _config(broker, 3)
     fixed["fragile"] = {"crash_at_start": False}
     fixed["dummy_procedure"]["seconds_between_datapoints"] = 2
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(fixed)})
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": signed(fixed)})
     assert wait_until(lambda: bool(_answers(subscriber, 3)), timeout=60, interval=0.5)
     assert _answers(subscriber, 3)[0]["config_status"] == "accepted"
     subscriber.close()
@@ -186,7 +186,7 @@ def test_a_good_config_stays_when_the_clock_steps_back_an_hour_during_its_trial(
         return {name: p["started_at"] for name, p in processes.items() if p["alive"]}
 
     before = started_at()
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(good)})
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": signed(good)})
 
     def children_of_revision_2_run() -> bool:
         now = started_at()

@@ -1,8 +1,9 @@
 """No config arriving over MQTT, however malformed, may stop a station from
-measuring, lose data, or lock out the next valid config. A whole station
-(main loop, procedures, backend) runs through the CLI against a real
-Mosquitto; configs are pushed the way Tenta and ThingsBoard push them; every
-answer is read at the broker.
+measuring, lose data, fill its disk, or lock out the next valid config. A
+whole station (main loop, procedures, backend) runs through the CLI against a
+real Mosquitto; configs are pushed the way Tenta and ThingsBoard push them,
+signed by the operator's key (so that they reach the config's own checks) or
+not signed at all; every answer is read at the broker.
 
 The fuzz test's size: IVY_FUZZ_EXAMPLES (default 12 per provider; the README
 shows a larger run)."""
@@ -13,6 +14,7 @@ import copy
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.mosquitto import Broker
-from tests.conftest import Station, template_config_dict, wait_until
+from tests.conftest import Station, signed, template_config_dict, wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, publish
 
 pytestmark = pytest.mark.integration
@@ -69,23 +71,33 @@ class RemoteStation:
         assert started.returncode == 0, started.stderr
         assert wait_until(lambda: self.measurements() > 0, timeout=60), "no data arrives"
 
-    def payload(self, revision: Any, configuration: Any, raw: bytes | None = None) -> bytes:
+    def payload(
+        self, revision: Any, configuration: Any, raw: bytes | None = None, sign: bool = True
+    ) -> bytes:
         """A config as the provider's server pushes it (the revision in Tenta's
-        envelope, or in the config itself on ThingsBoard); `raw` replaces the
+        envelope, or in the config itself on ThingsBoard), signed by the
+        operator when it is a JSON object and `sign`; `raw` replaces the
         configuration's JSON text."""
         if self.provider == "thingsboard" and raw is None and isinstance(configuration, dict):
             configuration = copy.deepcopy(configuration)
             general = configuration.setdefault("general", {})
             if isinstance(general, dict):
                 general["config_revision"] = revision
-        text = raw.decode() if raw is not None else json.dumps(configuration)
+        if raw is not None:
+            text = raw.decode()
+        elif sign and isinstance(configuration, dict):
+            text = signed(configuration, stations=[self.identifier])
+        else:
+            text = json.dumps(configuration)
         if self.provider == "tenta":
             return f'{{"revision": {json.dumps(revision)}, "configuration": {text}}}'.encode()
         return f'{{"configuration": {text}}}'.encode()
 
-    def push(self, revision: Any, configuration: Any, raw: bytes | None = None) -> None:
+    def push(
+        self, revision: Any, configuration: Any, raw: bytes | None = None, sign: bool = True
+    ) -> None:
         """Push a config as the provider's server does."""
-        self.push_payload(self.payload(revision, configuration, raw))
+        self.push_payload(self.payload(revision, configuration, raw, sign))
 
     def push_payload(self, payload: bytes) -> None:
         """Push a payload exactly as given on the config topic."""
@@ -149,21 +161,23 @@ def test_every_hostile_config_is_answered_and_the_station_keeps_measuring(
     huge = copy.deepcopy(valid)
     huge["dummy_procedure"]["comment"] = "x" * 10_000_000
     deep = json.dumps(valid)[:-1] + ', "deep": ' + "[" * 10_000 + "]" * 10_000 + "}"
-    cases: list[tuple[str, Any, Any, bytes | None, str]] = [
-        ("revision 10**30", 10**30, valid, None, "config_revision"),
-        ("revision -1", -1, valid, None, "config_revision"),
-        ('revision "8"', "8", valid, None, "revision"),
-        ("revision 2**31", 2**31, valid, None, "config_revision"),
-        ("10 MB", 30, huge, None, "accepted; not parsed"),
-        ("10,000 deep", 31, None, deep.encode(), "nested deeper than 32"),
-        ("an array", 32, [valid], None, "expected a JSON object"),
-        ("null", 33, None, b"null", "expected a JSON object"),
-        ("no general", 34, no_general, None, "general"),
+    # (label, revision, configuration, raw JSON text, signed, the reason says)
+    cases: list[tuple[str, Any, Any, bytes | None, bool, str]] = [
+        ("revision 10**30", 10**30, valid, None, True, "config_revision"),
+        ("revision -1", -1, valid, None, True, "config_revision"),
+        ('revision "8"', "8", valid, None, True, "revision"),
+        ("revision 2**31", 2**31, valid, None, True, "config_revision"),
+        ("10 MB", 30, huge, None, True, "accepted; not parsed"),
+        ("10,000 deep", 31, None, deep.encode(), False, "nested deeper than 32"),
+        ("an array", 32, [valid], None, False, "expected a JSON object"),
+        ("null", 33, None, b"null", False, "expected a JSON object"),
+        ("no general", 34, no_general, None, True, "general"),
+        ("unsigned", 35, valid, None, False, "unsigned: this station takes only configs signed"),
     ]
     measured_before = remote.measurements()
-    for label, revision, configuration, raw, expected in cases:
+    for label, revision, configuration, raw, sign, expected in cases:
         count = len(remote.answers())
-        remote.push(revision, configuration, raw)
+        remote.push(revision, configuration, raw, sign=sign)
         answer = remote.next_answer(count)
         assert answer["status"] == "rejected", (label, answer)
         assert expected in answer["reason"], (label, answer)
@@ -186,6 +200,55 @@ def test_every_hostile_config_is_answered_and_the_station_keeps_measuring(
     assert wait_until(lambda: remote.station.status()["config"]["revision"] == 40, timeout=30)
     measured = remote.measurements()
     assert wait_until(lambda: remote.measurements() > measured, timeout=30)
+    remote.subscriber.close()
+
+
+def data_dir_bytes(station: Station) -> int:
+    total = 0
+    for directory, _, files in os.walk(station.data_dir):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(directory, name))
+            except OSError:
+                pass
+    return total
+
+
+@pytest.mark.parametrize("provider", ["tenta"])
+def test_a_flood_of_unsigned_configs_is_answered_briefly_and_locks_nobody_out(
+    station: Station, broker: Broker, provider: str
+) -> None:
+    """The review's findings: 100 distinct invalid configs of 250 KB once grew
+    the data dir by 50 MB (each answered with the whole config, kept a year),
+    and an unsigned valid config with revision 2147483647 made every later
+    operator config look handled. Now both are refused unverified, answered
+    with a reason and a digest at a bounded rate, and change nothing."""
+    remote = RemoteStation(station, broker, provider)
+    before = data_dir_bytes(station)
+    padding = "x" * 250_000
+    for number in range(100):
+        config = copy.deepcopy(remote.valid)
+        config["dummy_procedure"]["comment"] = f"{number}{padding}"
+        remote.push(1000 + number, config, sign=False)
+    locked_out = copy.deepcopy(remote.valid)
+    remote.push(2**31 - 1, locked_out, sign=False)
+    assert wait_until(lambda: len(remote.answers()) >= 10, timeout=60)
+    time.sleep(3)  # whatever else would be answered, is
+    answers = remote.answers()
+    assert 10 <= len(answers) <= 12, len(answers)  # a burst, then one per 30 s
+    assert all(a["status"] == "rejected" and "unsigned" in a["reason"] for a in answers)
+    grown = data_dir_bytes(station) - before
+    print(f"100 unsigned configs of 250 KB grew the data dir by {grown / 1024:.0f} KiB")
+    assert grown < 1024 * 1024
+    state = station.status()
+    assert state["config"]["revision"] == 1
+
+    good = copy.deepcopy(remote.valid)
+    good["dummy_procedure"]["seconds_between_datapoints"] = 2
+    count = len(remote.answers())
+    remote.push(5, good)  # the operator's next config, signed, revision 5
+    answer = remote.next_answer(count, timeout=60)
+    assert answer["status"] == "accepted" and answer["revision"] == "5", answer
     remote.subscriber.close()
 
 
@@ -256,7 +319,7 @@ def _mutated(valid: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[s
 )
 @given(
     whole=st.booleans(),
-    random_config=_json,
+    random_config=st.dictionaries(st.text(max_size=12), _json, max_size=4),
     path=_paths,
     value=_hostile_value,
     revision=_revisions,
@@ -272,7 +335,12 @@ def test_fuzzed_configs_never_silence_the_station(
     then_a_valid_one: bool,
 ) -> None:
     configuration = random_config if whole else _mutated(remote.valid, path, value)
-    if revision is None:
+    # every example is signed by the operator, so that it reaches the config's
+    # own checks (unsigned ones stop at the signature, see the flood test);
+    # Tenta's revision is the server's, an integer
+    if revision is None or (
+        remote.provider == "tenta" and (not isinstance(revision, int) or isinstance(revision, bool))
+    ):
         revision = remote.next_revision
         remote.next_revision += 1
     payload = remote.payload(revision, configuration)

@@ -38,7 +38,7 @@ def test_a_hundred_reconfigurations_leak_nothing_and_use_the_new_config() -> Non
     assert mainloop.messaging_agent.config_revision == 100
     assert mainloop.messaging_agent.max_queued_messages == 1_100
     assert mainloop.updater.config.general.config_revision == 100
-    assert mainloop.updater.messaging_agent is mainloop.messaging_agent
+    assert mainloop.updater.answers.messaging_agent is mainloop.messaging_agent
     newest = mainloop.messaging_agent.get_n_latest_messages(1_000)[-1]
     assert newest.config_revision == 100  # messages carry the new revision
 

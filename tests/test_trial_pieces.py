@@ -17,8 +17,8 @@ from src.types.state import BackendConnectionState
 from src.utils import systemd_notify
 from src.utils.update.health import HealthWatch
 from src.utils.update.journal import Candidate, load_journal, save_journal
+from src.utils.update.paths import cli_pointer_path
 from src.utils.update.version_trial import resolve_at_start
-from src.utils.updater import cli_pointer_path
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
 

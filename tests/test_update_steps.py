@@ -15,13 +15,15 @@ import psutil
 import pytest
 from tum_esm_utils.validators import Version
 
+from benchmarks.signing import make_signer, trust_station
 from src import constants
 from src.types import Config, ForeignConfig
+from src.types.state import PendingConfig
 from src.utils.state_interface import StateInterface
 from src.utils.update import dependencies as dependency_install
+from src.utils.update import steps
 from src.utils.update.commands import OUTPUT_TAIL_CHARACTERS, StepError, output_tail, run_command
-from src.utils.update.worker import UpdateJob
-from src.utils.updater import Updater
+from src.utils.update.worker import UpdateJob, UpdateOutcome
 from tests.conftest import PROJECT_DIR, template_config_dict, wait_until
 
 pytestmark = pytest.mark.updater
@@ -37,7 +39,12 @@ def test_a_failing_command_reports_the_tail_of_its_output_with_secrets_masked() 
     assert "exited with code 3" in message
     assert "token=***" in message and "hunter2" not in message
     assert len(message) < OUTPUT_TAIL_CHARACTERS + 100
-    assert output_tail("abc", ["b"]) == "a***c"
+    # one masking rule everywhere: long secrets go, longest first; a secret
+    # too short to mask (`ivy config check` warns) does not garble every word
+    assert output_tail("a-secret-value-c", ["secret-value", "secret"]) == "a-**********-c"
+    assert output_tail("Input should be a valid integer", ["p"]) == (
+        "Input should be a valid integer"
+    )
 
 
 @pytest.mark.quick
@@ -75,10 +82,10 @@ def test_not_enough_disk_space_is_refused_with_the_figures(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(constants, "ROOT_DIR", str(tmp_path))
-    Updater.check_free_space(Version("9.9.9"))  # this disk has room
-    monkeypatch.setattr("src.utils.updater.DISK_MARGIN_BYTES", 2**62)
+    steps.check_free_space(Version("9.9.9"))  # this disk has room
+    monkeypatch.setattr(steps, "DISK_MARGIN_BYTES", 2**62)
     with pytest.raises(StepError, match=r"not enough disk space for version 9\.9\.9: \d+ MiB free"):
-        Updater.check_free_space(Version("9.9.9"))
+        steps.check_free_space(Version("9.9.9"))
 
 
 @pytest.fixture
@@ -121,28 +128,34 @@ def test_the_install_is_exactly_the_lock_and_shares_the_package_cache(tmp_path: 
 
 
 @pytest.mark.integration
-def test_the_worker_outcome_when_it_finishes_or_dies(tmp_path: Any) -> None:
+def test_the_worker_outcome_when_it_finishes_or_dies(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = Config.model_validate(template_config_dict())
     raw = template_config_dict()
     raw["general"]["software_version"] = "9.9.9"
     raw["updater"] = {"source": "git", "repository": str(tmp_path / "missing")}
-    job = UpdateJob.start(config, ForeignConfig.model_validate(raw))
-    outcomes: list[tuple[bool, str | None]] = []
+    monkeypatch.setattr(constants, "ROOT_DIR", str(tmp_path / "root"))
+    signer = make_signer(str(tmp_path / "keys"))
+    trust_station(str(tmp_path / "root"), [signer], [signer], release_source=raw["updater"])
+    pending = PendingConfig(config=ForeignConfig.model_validate(raw), origin="local")
+    job = UpdateJob.start(config, pending)
+    outcomes: list[UpdateOutcome] = []
 
     def ended() -> bool:
         outcomes.append(job.outcome())
-        return outcomes[-1][0]
+        return outcomes[-1].finished
 
     assert wait_until(ended, timeout=120)
-    assert outcomes[-1][1] is not None and outcomes[-1][1].startswith("download: git clone failed")
+    failure = outcomes[-1].failure
+    assert failure is not None and failure.startswith("download: git fetch of tag v9.9.9 failed")
     assert StateInterface.load().update_in_progress is None
 
-    dying = UpdateJob.start(config, ForeignConfig.model_validate(raw))
+    dying = UpdateJob.start(config, pending)
     assert dying.process.pid is not None
     os.kill(dying.process.pid, 9)
     dying.process.join(10)
-    finished, failure = dying.outcome()
-    assert finished and failure == "the update worker died (exit code -9)"
+    assert dying.outcome() == UpdateOutcome(True, "the update worker died (exit code -9)")
 
 
 @pytest.mark.integration
@@ -168,9 +181,29 @@ def test_setup_refuses_bad_input_with_a_clear_message(tmp_path: Any) -> None:
     bad_version = setup("--repository", "/x", "--version", "1.2")
     assert bad_version.returncode == 1
     assert "--version: '1.2' is not a plain version" in bad_version.stderr
-    missing = setup("--repository", str(tmp_path / "nothing"), "--version", "1.2.3")
-    assert missing.returncode == 1 and "setup failed: git clone failed" in missing.stderr
-    assert "Traceback" not in missing.stderr + bad_version.stderr
+    unsigned = setup("--repository", "/x", "--version", "1.2.3")
+    assert unsigned.returncode == 1
+    assert "--config-signers FILE is required" in unsigned.stderr
+    assert "--accept-unsigned-configs is the explicit opt-out" in unsigned.stderr
+    key = make_signer(str(tmp_path / "keys"))
+    signers = ["--config-signers", key.public, "--release-signers", key.public]
+    not_a_key = setup(
+        "--repository",
+        "/x",
+        "--version",
+        "1.2.3",
+        *signers[:2],
+        "--release-signers",
+        "/etc/hostname",
+    )
+    assert not_a_key.returncode == 1 and "neither an OpenSSH public key" in not_a_key.stderr
+    plain_http = setup("--repository", "http://example.org/x.git", "--version", "1.2.3", *signers)
+    assert plain_http.returncode == 1 and "an unencrypted URL is refused" in plain_http.stderr
+    missing = setup("--repository", str(tmp_path / "nothing"), "--version", "1.2.3", *signers)
+    assert missing.returncode == 1
+    assert "setup failed: git fetch of tag v1.2.3 failed" in missing.stderr
+    outputs = [r.stderr for r in (bad_version, unsigned, not_a_key, plain_http, missing)]
+    assert all("Traceback" not in output for output in outputs)
 
 
 @pytest.mark.integration

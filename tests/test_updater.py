@@ -1,40 +1,53 @@
-"""Pending configs for the running version: applied atomically, acknowledged;
-invalid, stale and version-changing ones rejected or ignored, nothing written."""
+"""The updater's decisions on pending configs, in the process: configs for the
+running version applied atomically and acknowledged; invalid, stale and
+version-changing ones rejected or ignored, nothing written; the trust policy's
+limits on remote configs. The main loop asks the same `UpdateCoordinator`."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from tum_esm_utils.validators import Version
 
+from benchmarks.signing import make_signer, trust_station
 from src import constants
 from src.procedures.dummy_procedure import DummyProcedureConfig
 from src.types import Config, ForeignConfig, State
+from src.types.state import PendingConfig
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from src.utils.updater import (
-    Reconfigure,
-    StartUpdate,
-    Updater,
-    cli_pointer_path,
-    config_revision_is_new,
-    previous_config_path,
-)
+from src.utils.update import config_trial
+from src.utils.update.admission import config_revision_is_new, queue_pending_config
+from src.utils.update.coordinator import RestartWith, UpdateCoordinator
+from src.utils.update.paths import cli_pointer_path, previous_config_path
+from src.utils.updater import Updater
 from tests.conftest import template_config_dict
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
 
+GIT_SOURCE = {"source": "git", "repository": "/nonexistent/repo"}
 
-def make_updater() -> tuple[Updater, MessagingAgent]:
+
+@pytest.fixture
+def root(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A root of this test's own, with a trust policy pinning GIT_SOURCE."""
+    directory = str(tmp_path / "root")
+    monkeypatch.setattr(constants, "ROOT_DIR", directory)
+    signer = make_signer(str(tmp_path / "keys"))
+    trust_station(directory, [signer], [signer], release_source=GIT_SOURCE, broker_hosts=["mqtt"])
+    return directory
+
+
+def make_coordinator() -> tuple[UpdateCoordinator, MessagingAgent]:
     config = Config.model_validate(template_config_dict())
     config.dump()
     agent = MessagingAgent(config)
-    return Updater(config, Logger(config, "updater-test"), agent), agent
+    return UpdateCoordinator(config, Logger(config, "updater-test"), agent), agent
 
 
 def foreign(revision: int, **changes: Any) -> ForeignConfig:
@@ -43,6 +56,23 @@ def foreign(revision: int, **changes: Any) -> ForeignConfig:
     for key, value in changes.items():
         config[key] = value
     return ForeignConfig.model_validate(config)
+
+
+def local(config: ForeignConfig) -> PendingConfig:
+    return PendingConfig(config=config, origin="local", digest="d" * 64)
+
+
+def judge(
+    coordinator: UpdateCoordinator,
+    config: ForeignConfig,
+    origin: Literal["local", "remote"] = "local",
+) -> Any:
+    """Queue a config as `ivy config apply` (or a backend) does and let the
+    updater take it, as the main loop does each turn."""
+    pending = PendingConfig(config=config, origin=origin, digest="d" * 64)
+    queue_pending_config(pending)
+    coordinator.state_seen = None
+    return coordinator.next_action()
 
 
 def acknowledgements(agent: MessagingAgent) -> list[dict[str, Any]]:
@@ -57,8 +87,9 @@ def config_file() -> str:
 
 
 def test_same_version_config_is_written_and_acknowledged() -> None:
-    updater, agent = make_updater()
-    new = updater.handle(
+    coordinator, agent = make_coordinator()
+    new = judge(
+        coordinator,
         foreign(
             5,
             dummy_procedure={"seconds_between_datapoints": 3},
@@ -68,15 +99,15 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
                 "mqtt_client_id": "c",
                 "mqtt_password": "pw-secret-1",
             },
-        )
+        ),
     )
-    assert isinstance(new, Reconfigure) and new.config.general.config_revision == 5
+    assert isinstance(new, RestartWith) and new.config.general.config_revision == 5
     on_disk = Config.load()
     section = on_disk.procedure_section("dummy_procedure", DummyProcedureConfig)
     assert section is not None and section.seconds_between_datapoints == 3
     assert [a["status"] for a in acknowledgements(agent)] == ["received"]  # on trial
     assert os.path.isfile(previous_config_path())
-    updater.accept_tried_config(new.config.to_foreign_config())
+    config_trial.accept(local(new.config.to_foreign_config()), coordinator.answers)
     assert not os.path.exists(previous_config_path())
     acks = acknowledgements(agent)
     assert [a["status"] for a in acks] == ["received", "accepted"]
@@ -85,21 +116,22 @@ def test_same_version_config_is_written_and_acknowledged() -> None:
 
 
 def test_invalid_config_is_rejected_naming_the_field_and_nothing_written() -> None:
-    updater, agent = make_updater()
+    coordinator, agent = make_coordinator()
     before = config_file()
-    assert updater.handle(foreign(2, dummy_procedure={"seconds_between_datapoints": 0})) is None
+    assert judge(coordinator, foreign(2, dummy_procedure={"seconds_between_datapoints": 0})) is None
     assert config_file() == before
     rejected = acknowledgements(agent)[-1]
     assert rejected["status"] == "rejected"
     assert "dummy_procedure.seconds_between_datapoints" in rejected["reason"]
     assert "(got 0)" in rejected["reason"]
+    assert rejected["config"] == {} and rejected["digest"] == "d" * 64  # never the config
 
 
 def test_stale_and_duplicate_revisions_are_ignored() -> None:
-    updater, agent = make_updater()
-    assert updater.handle(foreign(3)) is not None
-    assert updater.handle(foreign(3)) is None  # a replay
-    assert updater.handle(foreign(1)) is None  # older
+    coordinator, agent = make_coordinator()
+    assert judge(coordinator, foreign(3)) is not None
+    assert judge(coordinator, foreign(3)) is None  # a replay
+    assert judge(coordinator, foreign(1)) is None  # older
     assert [a["status"] for a in acknowledgements(agent)] == ["received"]
 
 
@@ -109,29 +141,25 @@ def version_change(revision: int, version: str, updater: Any) -> ForeignConfig:
     return config
 
 
-GIT_SOURCE = {"source": "git", "repository": "/nonexistent/repo"}
-
-
 @pytest.mark.parametrize(
     ("version", "updater_section", "reason"),
     [
-        ("9.9.9", None, "updater: null; a config for another software version needs"),
         (
             "9.9.9",
-            {"source": "svn", "repository": "x"},
-            "updater is invalid (1 problem(s)):\n  source: Input should be",
+            {"source": "git", "repository": "/elsewhere"},
+            "updater: names a release source other than the one this station's trust policy pins",
         ),
-        ("9.9.9", {"source": "git"}, "repository: Field required"),
         ("0.0.1", GIT_SOURCE, "general.software_version: 0.0.1 is older than the running"),
     ],
 )
+@pytest.mark.usefixtures("root")
 def test_a_version_change_that_cannot_be_installed_is_refused_and_changes_nothing(
     version: str, updater_section: Any, reason: str
 ) -> None:
-    updater, agent = make_updater()
+    coordinator, agent = make_coordinator()
     before = config_file()
-    assert updater.handle(version_change(4, version, updater_section)) is None
-    assert config_file() == before
+    assert judge(coordinator, version_change(4, version, updater_section)) is None
+    assert coordinator.job is None and config_file() == before
     acks = acknowledgements(agent)
     assert [a["status"] for a in acks] == ["received", "rejected"]
     assert acks[0]["software_update"] == "DOWNLOADING"
@@ -141,21 +169,51 @@ def test_a_version_change_that_cannot_be_installed_is_refused_and_changes_nothin
     assert StateInterface.load().config_outcomes[-1].status == "rejected"
 
 
-def test_a_downgrade_that_the_config_allows_and_an_upgrade_start_an_update() -> None:
-    updater, _ = make_updater()
+def test_without_a_pinned_release_source_no_version_change_is_taken(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(constants, "ROOT_DIR", str(tmp_path / "no-policy"))
+    coordinator, agent = make_coordinator()
+    assert judge(coordinator, version_change(4, "9.9.9", None)) is None
+    assert "pins no release source" in acknowledgements(agent)[-1]["reason"]
+
+
+@pytest.mark.usefixtures("root")
+def test_a_downgrade_needs_the_config_to_ask_and_a_remote_one_the_policy_too() -> None:
+    coordinator, _ = make_coordinator()
     allowed = {**GIT_SOURCE, "allow_downgrades": True}
-    assert isinstance(updater.handle(version_change(4, "0.0.1", allowed)), StartUpdate)
-    assert isinstance(updater.handle(version_change(5, "9.9.9", GIT_SOURCE)), StartUpdate)
-    # neither is handled yet: the worker has not run
+    assert coordinator.version_change_problem(local(version_change(4, "0.0.1", allowed))) is None
+    assert coordinator.version_change_problem(local(version_change(5, "9.9.9", None))) is None
+    remote = PendingConfig(config=version_change(6, "0.0.1", allowed), origin="remote")
+    problem = coordinator.version_change_problem(remote)
+    assert problem is not None and "a trust policy that allows downgrades" in problem
+    # none is handled yet: the worker has not run
     assert StateInterface.load().highest_handled_config_revision is None
+
+
+@pytest.mark.usefixtures("root")
+def test_a_remote_config_cannot_move_the_broker_or_the_release_source() -> None:
+    coordinator, agent = make_coordinator()
+    backend = {"provider": "thingsboard", "mqtt_client_id": "c"}
+    cases = [
+        (foreign(7, backend={**backend, "mqtt_host": "evil.example.org"}), "not a broker host"),
+        (foreign(8, updater={"source": "git", "repository": "/attacker"}), "updater: names a"),
+    ]
+    for config, reason in cases:
+        assert judge(coordinator, config, origin="remote") is None
+        assert reason in acknowledgements(agent)[-1]["reason"]
+    assert isinstance(
+        judge(coordinator, foreign(9, backend={**backend, "mqtt_host": "mqtt"}), "remote"),
+        RestartWith,
+    )
 
 
 def test_a_fresh_station_accepts_its_current_revision_once() -> None:
     """Tenta numbers a sensor's first config 0, the template's revision: a
     station that has accepted no remote config takes it; a replay is ignored."""
-    updater, agent = make_updater()
-    assert updater.handle(foreign(0)) is not None
-    assert updater.handle(foreign(0)) is None
+    coordinator, agent = make_coordinator()
+    assert judge(coordinator, foreign(0)) is not None
+    assert judge(coordinator, foreign(0)) is None
     assert [a["status"] for a in acknowledgements(agent)] == ["received"]
 
 
@@ -163,12 +221,12 @@ def test_a_rejected_revision_blocks_only_itself() -> None:
     """The revision memory cannot be poisoned: a rejected config (even with the
     largest revision there is) is not judged again, and a later valid config
     with any newer revision is still accepted."""
-    updater, agent = make_updater()
+    coordinator, agent = make_coordinator()
     highest = 2**31 - 1
-    assert updater.handle(foreign(highest, dummy_procedure={"x": 1})) is None
-    assert updater.handle(foreign(highest, dummy_procedure={"x": 1})) is None  # not again
+    assert judge(coordinator, foreign(highest, dummy_procedure={"x": 1})) is None
+    assert judge(coordinator, foreign(highest, dummy_procedure={"x": 1})) is None  # not again
     assert StateInterface.load().highest_handled_config_revision is None
-    assert updater.handle(foreign(7)) is not None
+    assert judge(coordinator, foreign(7)) is not None
     assert [a["status"] for a in acknowledgements(agent)] == ["received", "rejected", "received"]
 
 
@@ -214,23 +272,26 @@ def test_old_venvs_are_removed_but_the_current_and_kept_ones(
     assert (tmp_path / "1.0.0").is_dir()  # the source stays; only its venv went
 
 
+@pytest.mark.usefixtures("root")
 def test_credentials_in_a_repository_url_are_refused_and_never_echoed() -> None:
-    updater, agent = make_updater()
+    coordinator, agent = make_coordinator()
     source = {"source": "git", "repository": "https://station:tok3n-secret-9@git.example.org/x"}
-    assert updater.handle(version_change(4, "9.9.9", source)) is None
+    assert judge(coordinator, version_change(4, "9.9.9", source)) is None
     acks = json.dumps(acknowledgements(agent))
-    assert "credentials in the URL are refused" in acks
+    assert "updater: names a release source other than" in acks
     assert "tok3n-secret-9" not in acks
     assert "tok3n-secret-9" not in json.dumps(StateInterface.load().model_dump())
 
 
 def test_a_config_that_fails_its_trial_is_rejected_and_the_previous_one_is_back() -> None:
-    updater, agent = make_updater()
+    coordinator, agent = make_coordinator()
     before = config_file()
-    new = updater.handle(foreign(6, system_checks=None))
-    assert isinstance(new, Reconfigure) and config_file() != before
-    previous = updater.reject_tried_config(
-        new.config.to_foreign_config(), "not healthy 30 s after the change: backend down"
+    new = judge(coordinator, foreign(6, system_checks=None))
+    assert isinstance(new, RestartWith) and config_file() != before
+    previous = config_trial.reject(
+        local(new.config.to_foreign_config()),
+        "not healthy 30 s after the change: backend down",
+        coordinator.answers,
     )
     assert previous.general.config_revision == 0 and config_file() == before
     acks = acknowledgements(agent)
@@ -241,12 +302,13 @@ def test_a_config_that_fails_its_trial_is_rejected_and_the_previous_one_is_back(
     assert not os.path.exists(previous_config_path())
 
 
+@pytest.mark.usefixtures("root")
 def test_a_checkout_outside_a_production_root_refuses_version_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Its queue would stay behind in the checkout's data directory."""
     monkeypatch.delenv("IVY_DATA_DIR")
-    updater, agent = make_updater()
-    assert updater.handle(version_change(4, "9.9.9", GIT_SOURCE)) is None
+    coordinator, agent = make_coordinator()
+    assert judge(coordinator, version_change(4, "9.9.9", GIT_SOURCE)) is None
     reason = acknowledgements(agent)[-1]["reason"]
     assert "is not a version directory under the root" in reason and "ivy setup" in reason

@@ -5,10 +5,12 @@ but for the package registry (uv's cache is shared by the tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import signal
+import subprocess
 import threading
 from typing import Any
 
@@ -21,10 +23,15 @@ from benchmarks.production import (
     GOOD,
     ProductionStation,
     Releases,
+    git,
+    set_version,
+    sign_tag,
     station_config,
 )
+from benchmarks.signing import make_signer
 from tests.conftest import wait_until
-from tests.mqtt_helpers import publish
+from tests.git_server import GitServerState, git_https_server
+from tests.mqtt_helpers import make_certificates, publish
 from tests.production_fixtures import (
     ConnectedStation,
     apply,
@@ -32,7 +39,6 @@ from tests.production_fixtures import (
     delivered_data_identifiers,
     start,
 )
-from tests.test_source_download import TOKEN, Archives, https_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.updater]
 
@@ -83,7 +89,8 @@ def test_an_update_over_mqtt_switches_hands_over_and_delivers_every_message_once
     assert wait_until(lambda: len(delivered_data_identifiers(subscriber.items())) >= 3, timeout=60)
     new_config = station_config(releases, GOOD, 5)
     new_config["backend"] = backend
-    publish(broker.port, "v1/devices/me/attributes", {"configuration": json.dumps(new_config)})
+    signed = releases.config_key.sign_text(new_config)
+    publish(broker.port, "v1/devices/me/attributes", {"configuration": signed})
 
     def updated() -> bool:
         return any(a.get("sw_state") == "UPDATED" for a in answers())
@@ -160,54 +167,83 @@ def test_a_version_whose_gate_tests_fail_is_rejected_and_the_old_one_runs_on(
     assert station.cli("stop").returncode == 0
 
 
+TOKEN = "glpat-secret-token-123"
+
+
 @pytest.mark.parametrize("step", ["download", "install", "tests"])
 def test_kill_9_of_the_main_loop_during_a_step_leaves_the_old_version_and_a_retry_succeeds(
     step: str,
     production_station: ProductionStation,
     releases: Releases,
-    https_server: int,  # noqa: F811
+    tmp_path: Any,
 ) -> None:
     station = production_station
-    start(station)
     changes: dict[str, Any] = {}
     stall = threading.Event()
-    if step == "download":  # a GitLab stand-in that stalls mid-download
-        Archives.archives = {f"v{GOOD}": releases.tarball(GOOD)}
-        Archives.stall = stall
-        changes["updater"] = {
-            "source": "gitlab",
-            "repository": "group/ivy",
-            "host": f"localhost:{https_server}",
-            "access_token": TOKEN,
-        }
-        station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
-    path = station.config_file("update.json", GOOD, 4, **changes)
-    try:
-        assert apply(station, path, wait=0).returncode == 0
+    with contextlib.ExitStack() as stack:
+        if step == "download":  # a GitLab-like HTTPS source whose pack stalls mid-download
+            served = str(tmp_path / "served")
+            os.makedirs(os.path.join(served, "group"))
+            subprocess.run(
+                [
+                    "git",
+                    "clone",
+                    "--quiet",
+                    "--bare",
+                    releases.repository,
+                    f"{served}/group/ivy.git",
+                ],
+                check=True,
+            )
+            certificates = make_certificates(str(tmp_path / "certs"))
+            state = GitServerState(served, token=TOKEN, stall=stall)
+            port = stack.enter_context(
+                git_https_server(state, certificates["cert"], certificates["key"])
+            )
+            source = [
+                "--source",
+                "gitlab",
+                "--repository",
+                "group/ivy",
+                "--host",
+                f"localhost:{port}",
+            ]
+            pinned = station.cli("trust", "set", *source)
+            assert pinned.returncode == 0, pinned.stderr
+            changes["updater"] = {
+                "source": "gitlab",
+                "repository": "group/ivy",
+                "host": f"localhost:{port}",
+                "access_token": TOKEN,
+            }
+            station.env["GIT_SSL_CAINFO"] = certificates["ca"]
+        start(station)
+        path = station.config_file("update.json", GOOD, 4, **changes)
+        try:
+            assert apply(station, path, wait=0).returncode == 0
 
-        def in_step() -> bool:
-            update = station.state().get("update_in_progress") or {}
-            return update.get("step") == step
+            def in_step() -> bool:
+                update = station.state().get("update_in_progress") or {}
+                return update.get("step") == step
 
-        assert wait_until(in_step, timeout=120, interval=0.02)
-        mainloop = station.state()["mainloop"]["pid"]
-        os.kill(mainloop, signal.SIGKILL)
-        assert wait_until(lambda: station.processes() == [], timeout=30)
-    finally:
-        stall.set()
-        Archives.stall = None
+            assert wait_until(in_step, timeout=120, interval=0.02)
+            mainloop = station.state()["mainloop"]["pid"]
+            os.kill(mainloop, signal.SIGKILL)
+            assert wait_until(lambda: station.processes() == [], timeout=30)
+        finally:
+            stall.set()
 
-    start(station)  # as cron or systemd would
-    assert station.pointed_version() == BASE
-    assert station.running_versions() == {BASE}
-    assert [n for n in os.listdir(station.root) if n.startswith(".staging")] == []
-    assert station.state().get("update_in_progress") is None
+        start(station)  # as cron or systemd would
+        assert station.pointed_version() == BASE
+        assert station.running_versions() == {BASE}
+        assert [n for n in os.listdir(station.root) if n.startswith(".staging")] == []
+        assert station.state().get("update_in_progress") is None
 
-    result = apply(station, path)  # the same config again
-    assert result.returncode == 0 and "accepted" in result.stdout, result.stdout + result.stderr
-    assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
-    assert TOKEN not in _everything_logged(station.root)
-    assert station.cli("stop").returncode == 0
+        result = apply(station, path)  # the same config again
+        assert result.returncode == 0 and "accepted" in result.stdout, result.stdout + result.stderr
+        assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)
+        assert TOKEN not in _everything_logged(station.root)
+        assert station.cli("stop").returncode == 0
 
 
 def _everything_logged(root: str) -> str:
@@ -219,28 +255,29 @@ def _everything_logged(root: str) -> str:
     return "\n".join(text)
 
 
-def test_a_tarball_with_a_path_escaping_member_is_refused_by_the_running_station(
-    production_station: ProductionStation,
-    releases: Releases,
-    tmp_path: Any,
-    https_server: int,  # noqa: F811
+def test_a_release_signed_by_an_unknown_key_is_refused_and_nothing_of_it_runs(
+    production_station: ProductionStation, releases: Releases, tmp_path: Any
 ) -> None:
     station = production_station
-    station.env["SSL_CERT_FILE"] = os.environ["SSL_CERT_FILE"]
     start(station)
-    Archives.archives = {
-        f"v{GOOD}": releases.tarball(GOOD, extra={"ivy-v0123abcd/../../escaped": b"boom"})
-    }
-    gitlab = {
-        "source": "gitlab",
-        "repository": "group/ivy",
-        "host": f"localhost:{https_server}",
-        "access_token": TOKEN,
-    }
-    path = station.config_file("evil.json", GOOD, 2, updater=gitlab)
+    marker = str(tmp_path / "MARKER-unverified-release-ran")
+    version = "9.8.7"
+    clone = str(tmp_path / "evil-release")
+    subprocess.run(["git", "clone", "--quiet", releases.repository, clone], check=True)
+    set_version(clone, BASE, version)
+    for name in ("cli.py", "conftest.py", "run.py"):
+        with open(os.path.join(clone, name), "a") as f:
+            f.write(f"\nopen({marker!r}, 'a').write(__file__)\n")
+    git("add", "-A", cwd=clone)
+    git("commit", "--quiet", "-m", version, cwd=clone)
+    stranger = make_signer(str(tmp_path / "keys"), "stranger")
+    sign_tag(clone, f"v{version}", stranger)
+    git("push", "--quiet", releases.repository, f"v{version}", cwd=clone)
+    path = station.config_file("evil.json", version, 2)
     result = apply(station, path)
-    assert result.returncode == 1 and "unsafe archive member refused" in result.stderr
-    assert not os.path.exists(os.path.join(tmp_path, "escaped"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "does not verify against the release signers" in result.stderr
+    assert not os.path.exists(marker)
+    assert not os.path.exists(os.path.join(station.root, version))
     assert station.pointed_version() == BASE and station.running_versions() == {BASE}
-    assert TOKEN not in result.stderr and TOKEN not in _everything_logged(station.root)
     assert station.cli("stop").returncode == 0

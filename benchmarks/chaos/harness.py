@@ -241,16 +241,20 @@ def _publish(port: int, messages: list[tuple[str, bytes, bool]]) -> None:
 
 
 def config_burst(run: Run) -> dict[str, Any]:
-    """Under load, publish invalid configs and replays of old revisions on the
-    config topic, then one valid new revision, which must be accepted; then
-    replay that one and the invalid one: neither may be answered again."""
+    """Under load, publish hostile configs on the config topic, signed by the
+    operator or not: garbage, invalid signed configs, an unsigned one with the
+    largest revision (once a lock-out), a replay of an older signed config;
+    then one valid signed config, which must be accepted; then send that one
+    and the invalid one again: neither may be answered again."""
     wait_broker_up(run)
     topic = f"configurations/{STATION_IDENTIFIER}"
     station = run.station
     current = station.revision
     valid = dict(station.config)
 
-    def envelope(revision: Any, configuration: Any) -> bytes:
+    def envelope(revision: Any, configuration: Any, sign: bool = True) -> bytes:
+        if sign and isinstance(configuration, dict):
+            configuration = station.operator.sign(configuration)
         return json.dumps({"revision": revision, "configuration": configuration}).encode()
 
     broken = envelope(current + 1, {**valid, "storage": {"max_queued_messages": -5}})
@@ -262,7 +266,11 @@ def config_burst(run: Run) -> dict[str, Any]:
         envelope(2**40, valid),
         broken,
         envelope(current + 1, {**valid, "surprise": True}),
-        envelope(max(current - 1, 0), valid),  # an older revision
+        envelope(2**31 - 1, valid, sign=False),  # once a remote lock-out
+        envelope(current + 1, valid, sign=False),
+        json.dumps(
+            {"revision": current, "configuration": station.operator.sign(valid, now=1_000.0)}
+        ).encode(),  # an old signed config, replayed
         b"{" * 100_000,
     ]
     messages = [(topic, payload, run.rng.random() < 0.5) for payload in hostile]

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.signing import make_signer, trust_station
 from src import constants
 
 PRODUCERS = ("chaos_producer_a", "chaos_producer_b")
@@ -103,6 +104,9 @@ class ChaosStation:
         self.write_config(self.config)
         self.set_clock_offset(0.0)
         self.clock_library = build_clock_shim(scratch)
+        # the operator's key: the station's trust policy takes configs it signs
+        self.operator = make_signer(os.path.join(scratch, "keys"), "operator")
+        trust_station(scratch, [self.operator], broker_hosts=["127.0.0.1"])
 
     def _config(self, port: int, rate: float, max_queued: int) -> dict[str, Any]:
         with open(constants.CONFIG_TEMPLATE_PATH) as f:

@@ -1,75 +1,76 @@
 """Configs arriving over MQTT, judged in the backend process before anything
-else sees them. Whatever arrives is hostile: its size and nesting are bounded
-before it is parsed, its revision and version are checked strictly, and every
-config that is not valid is answered `rejected` with a reason naming the field
-and the value, so that the operator at the server can tell a refusal from a
-loss. Valid configs with a new revision are queued for the main loop's
-updater; configs whose revision was handled already are ignored (logged once).
-"""
+else sees them. Whatever arrives is hostile, and so is whoever sent it: MQTT
+says nothing about the sender. So, in this order:
+
+1. its size and nesting are bounded before it is parsed (by the provider);
+2. the station's trust policy decides: a signed envelope is verified against
+   the config signers (`ssh-keygen -Y verify`, by exit code), for this
+   station, not expired, and signed after the newest config handled (older:
+   a replay); a plain config passes only where the policy names the opt-out
+   `accept_unsigned_configs`; without a policy nothing passes;
+3. only then is it read as a config (revision and version, strictly) and
+   queued for the main loop's updater, which applies the policy's limits.
+
+A config that fails 1 or 2 changes nothing in the state and is answered with
+the reason and a digest of what arrived, never the config, at a bounded rate.
+A verified config that is invalid is answered like any rejection. A config
+handled already (a retained copy after a reconnect) is ignored, logged once."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
 from src.types import Config, ConfigMessageBody, ForeignConfig
 from src.types.config import format_validation_error, revision_of
+from src.types.state import PendingConfig
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
-from src.utils.updater import (
-    MAX_CONFIG_BYTES,
+from src.utils.update.admission import (
     config_revision_is_new,
-    mark_config_revision_rejected,
+    is_new,
+    is_replay,
+    mark_revision,
+    mark_signed_handled,
     queue_pending_config,
 )
+from src.utils.update.answers import UnverifiedAnswers
+from src.utils.update.signatures import SignatureError, is_envelope, verify_envelope
+from src.utils.update.trust import TrustError, config_signers_path, load_policy
 
 from .provider import ReceivedConfig
 
-MAX_CONFIG_NESTING = 32
 _ANSWERED_KEPT = 256
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
-def _nesting_exceeds(payload: bytes, limit: int) -> bool:
-    depth = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', payload)):
-        depth += 1 if match.group() in (b"[", b"{") else -1
-        if depth > limit:
-            return True
-    return False
+@dataclass(frozen=True)
+class Admitted:
+    """A received config the trust policy lets in: signed by a config signer
+    (`signed_at`, `signer`), or unsigned where the policy opts out."""
+
+    config: dict[str, Any]
+    signed_at: float | None = None
+    signer: str | None = None
 
 
-def parse_json_object(payload: bytes, what: str) -> tuple[dict[str, Any] | None, str | None]:
-    """A JSON object from a received payload, or a clear error naming `what`.
-    Payloads larger than `MAX_CONFIG_BYTES` or nested deeper than
-    `MAX_CONFIG_NESTING` are refused unparsed. Called by the providers."""
-    if len(payload) > MAX_CONFIG_BYTES:
-        return None, (
-            f"{what}: {len(payload)} bytes, more than the {MAX_CONFIG_BYTES} accepted; not parsed"
-        )
-    if _nesting_exceeds(payload, MAX_CONFIG_NESTING):
-        return None, f"{what}: nested deeper than {MAX_CONFIG_NESTING} levels; not parsed"
-    try:
-        value = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        return None, f"{what}: not valid JSON ({e})"
-    if not isinstance(value, dict):
-        return None, f"{what}: expected a JSON object, got {_json_type(value)}"
-    return value, None
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {list: "an array", str: "a string", bool: "a boolean"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+def _with_revision(config: dict[str, Any], revision: int | None) -> dict[str, Any]:
+    """`config` with the server's revision (Tenta's) as its own."""
+    if revision is None:
+        return config
+    general = config.get("general")
+    return {
+        **config,
+        "general": {**(general if isinstance(general, dict) else {}), "config_revision": revision},
+    }
 
 
 class ConfigReceiver:
@@ -77,53 +78,120 @@ class ConfigReceiver:
     Used by the backend process only."""
 
     def __init__(self, config: Config, logger: Logger, messaging_agent: MessagingAgent) -> None:
-        """Remember the running revision."""
+        """Remember the running revision and the station's identifier."""
         self.current_revision = config.general.config_revision
+        self.station = config.general.system_identifier
         self.logger = logger
         self.messaging_agent = messaging_agent
-        self.answered: list[str] = []  # digests of configs answered by this process
-        self.ignored: set[int] = set()  # revisions whose ignoring was logged
+        self.unverified = UnverifiedAnswers(logger, messaging_agent)
+        self.answered: list[str] = []  # digests answered by this process
+        self.ignored: set[str] = set()  # digests whose ignoring was logged
 
     def handle(self, received: ReceivedConfig, payload: bytes) -> None:
         """Reject, ignore or queue one received config (`payload`: the MQTT
         message it came in)."""
-        raw = received.config
-        if received.error is not None:
-            self._reject(raw, received.error, payload)
-            return
-        try:
-            foreign = ForeignConfig.model_validate(raw)
-        except pydantic.ValidationError as e:
-            self._reject(raw, format_validation_error(e, "received config"), payload)
-            return
-        revision = foreign.general.config_revision
-        if not self._is_new(revision):
-            return
-        if not queue_pending_config(foreign):
-            return
-        self.logger.info(f"received config revision {revision}; queued for the updater")
-
-    def _is_new(self, revision: int) -> bool:
-        if config_revision_is_new(revision, self.current_revision, StateInterface.load()):
-            return True
-        if revision not in self.ignored:
-            if len(self.ignored) >= _ANSWERED_KEPT:  # a flood of old revisions: stay bounded
-                self.ignored.clear()
-            self.ignored.add(revision)
-            self.logger.info(f"ignoring config revision {revision}: handled already")
-        return False
-
-    def _reject(self, raw: Any, reason: str, payload: bytes) -> None:
-        revision = revision_of(raw)
-        if revision is not None and not self._is_new(revision):
-            return  # an old, broken config that is still retained somewhere
         digest = hashlib.sha256(payload).hexdigest()
         if digest in self.answered:
             return  # the same message again (a retained one after a reconnect)
-        self.answered = [*self.answered[-(_ANSWERED_KEPT - 1) :], digest]
-        if revision is None:
-            reason = f"no valid revision could be read, so this answer carries none; {reason}"
+        claimed = received.server_revision
+        if claimed is None:
+            claimed = revision_of(received.config)
+        if received.error is not None:
+            self._reject_unverified(received.error, digest, claimed)
+            return
+        try:
+            admitted = self._admit(received.config)
+        except SignatureError as e:
+            self._reject_unverified(str(e), digest, claimed)
+            return
+        config = _with_revision(admitted.config, received.server_revision)
+        try:
+            foreign = ForeignConfig.model_validate(config)
+        except pydantic.ValidationError as e:
+            self._reject_invalid(
+                admitted, config, format_validation_error(e, "received config"), digest
+            )
+            return
+        pending = PendingConfig(
+            config=foreign,
+            origin="remote",
+            digest=digest,
+            signed_at=admitted.signed_at,
+            signer=admitted.signer,
+        )
+        state = StateInterface.load()
+        if is_replay(pending, state):
+            reason = (
+                f"replayed: signed at {_utc(pending.signed_at or 0)}, before the newest config "
+                f"this station handled (signed at {_utc(state.newest_signed_config_at or 0)})"
+            )
+            self._reject_unverified(reason, digest, claimed)
+            return
+        if not is_new(pending, self.current_revision, state):
+            self._ignore(digest, foreign.general.config_revision)
+            return
+        if queue_pending_config(pending):
+            self.logger.info(
+                f"received config revision {foreign.general.config_revision}"
+                + (f", signed by {pending.signer}" if pending.signer else " (unsigned)")
+                + "; queued for the updater"
+            )
+
+    def _admit(self, raw: Any) -> Admitted:
+        """What the trust policy lets in of `raw`; raise `SignatureError` with
+        the reason for anything else."""
+        try:
+            policy = load_policy()
+        except TrustError as e:
+            raise SignatureError(f"the trust policy cannot be read: {e}") from None
+        if policy is None:
+            raise SignatureError(
+                "this station has no trust policy, so it takes no remote config "
+                "(set one up on the station with `ivy trust set`)"
+            )
+        if is_envelope(raw):
+            verified = verify_envelope(raw, config_signers_path(), self.station)
+            if verified.document.config is None:
+                raise SignatureError("a signed patch needs a newer Ivy than this station runs")
+            return Admitted(verified.document.config, verified.document.signed_at, verified.signer)
+        if policy.accept_unsigned_configs:
+            return Admitted(raw)
+        raise SignatureError(
+            "unsigned: this station takes only configs signed by a key in its trust policy "
+            "(sign one with `ivy config sign`)"
+        )
+
+    def _ignore(self, digest: str, revision: int) -> None:
+        if digest not in self.ignored:
+            if len(self.ignored) >= _ANSWERED_KEPT:  # a flood: stay bounded
+                self.ignored.clear()
+            self.ignored.add(digest)
+            self.logger.info(f"ignoring config revision {revision}: handled already")
+
+    def _reject_invalid(
+        self, admitted: Admitted, config: dict[str, Any], reason: str, digest: str
+    ) -> None:
+        """A config the policy let in that is not a config: answered like any
+        rejection, and remembered so that it is not answered again."""
+        revision = revision_of(config)
+        if admitted.signed_at is not None:
+            mark_signed_handled(admitted.signed_at)
+        elif revision is not None:
+            if not config_revision_is_new(revision, self.current_revision, StateInterface.load()):
+                self._ignore(digest, revision)  # an old broken config still retained
+                return
+            mark_revision(revision, accepted=False)
         else:
-            mark_config_revision_rejected(revision)
+            reason = f"no valid revision could be read, so this answer carries none; {reason}"
+        self._remember(digest)
         self.logger.warning(f"rejected a received config (revision {revision})", details=reason)
-        self.messaging_agent.add_message(ConfigMessageBody.about("rejected", raw, reason))
+        self.messaging_agent.add_message(
+            ConfigMessageBody.about("rejected", config, reason, digest=digest)
+        )
+
+    def _remember(self, digest: str) -> None:
+        self.answered = [*self.answered[-(_ANSWERED_KEPT - 1) :], digest]
+
+    def _reject_unverified(self, reason: str, digest: str, claimed: Any) -> None:
+        self._remember(digest)
+        self.unverified.reject(reason, digest, claimed)

@@ -130,11 +130,14 @@ class Publish:
 
 @dataclass(frozen=True)
 class ReceivedConfig:
-    """A config found in a received MQTT message: the raw config object (to be
-    validated as a `ForeignConfig`), or why it could not be read."""
+    """A config found in a received MQTT message: the raw config object (a
+    signed envelope, or a plain config where the trust policy allows it), or
+    why it could not be read. `server_revision` is the revision the server
+    gave it outside the config (Tenta's), which the answers carry."""
 
     config: Any
     error: str | None = None
+    server_revision: int | None = None
 
 
 class Provider(abc.ABC):

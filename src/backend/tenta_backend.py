@@ -34,8 +34,8 @@ from typing import Any
 from src.types import Config
 from src.types.config import is_valid_revision
 from src.utils.messaging_agent import QueueRow
+from src.utils.update.admission import parse_json_object
 
-from .config_receiver import parse_json_object
 from .drain import run_backend
 from .provider import (
     Item,
@@ -204,8 +204,8 @@ class TentaProvider(Provider):
         return self._logs(text, "error", self._common(row, clamp=True), max_part_bytes)
 
     def config_in(self, topic: str, payload: bytes) -> ReceivedConfig | None:
-        """`{"revision": n, "configuration": {...}}`; the envelope's revision is
-        the config's revision."""
+        """`{"revision": n, "configuration": {...}}`; Tenta's revision becomes
+        the config's revision once the configuration is verified."""
         if topic != f"configurations/{self.identifier}":
             return None
         envelope, error = parse_json_object(payload, "configuration message")
@@ -217,10 +217,7 @@ class TentaProvider(Provider):
             return ReceivedConfig(envelope, f"revision: expected an integer, got {revision!r}")
         if not isinstance(configuration, dict):
             return ReceivedConfig(envelope, "configuration: expected a JSON object")
-        general = configuration.setdefault("general", {})
-        if isinstance(general, dict):
-            general["config_revision"] = revision
-        return ReceivedConfig(configuration)
+        return ReceivedConfig(configuration, server_revision=revision)
 
 
 def run(config: Config, name: str, teardown_indicator: Event) -> None:

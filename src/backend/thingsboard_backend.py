@@ -21,8 +21,8 @@ from typing import Any
 from src import constants
 from src.types import Config
 from src.utils.messaging_agent import QueueRow
+from src.utils.update.admission import parse_json_object
 
-from .config_receiver import parse_json_object
 from .drain import run_backend
 from .provider import (
     Item,

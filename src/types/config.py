@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import pydantic
@@ -504,6 +504,24 @@ def redact_secrets(value: Any) -> Any:
     """A copy of JSON data with the value of every secret field replaced, for
     configs that leave the station in acknowledgements or land in logs."""
     return _map_secrets(value, lambda _: REDACTED)
+
+
+# secrets shorter than this are not masked inside free text: a password "p"
+# would star out every letter p of every line and reason; `ivy config check`
+# warns about them, and they never leave in a config (SecretStr, redacted dumps)
+MIN_MASKED_SECRET_LENGTH = 8
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret of at least `MIN_MASKED_SECRET_LENGTH`
+    characters replaced by `REDACTED`, the longest first (so that a secret
+    holding another is masked whole). The one masking rule of log lines,
+    command output and the reasons in answers."""
+    for secret in sorted(
+        (s for s in set(secrets) if len(s) >= MIN_MASKED_SECRET_LENGTH), key=len, reverse=True
+    ):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def secret_values(value: Any) -> set[str]:

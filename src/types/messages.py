@@ -56,8 +56,10 @@ class ConfigMessageBody(pydantic.BaseModel):
     """The station's answer to a config: received, one step of a software
     update done (`progress`, with the step and its duration), accepted,
     rejected (with a reason), or the config it started with. `config` never
-    holds secrets. `software_update` is set on the answers about a config that
-    changes the software version."""
+    holds secrets, and a rejection never holds the config at all: it names
+    what it rejected by `digest` (SHA-256 of what arrived), so that a flood of
+    bad configs cannot fill the disk. `software_update` is set on the answers
+    about a config that changes the software version."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
     variant: Literal["config"] = "config"
@@ -68,6 +70,7 @@ class ConfigMessageBody(pydantic.BaseModel):
     step: str | None = Field(None, max_length=32)
     step_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
     software_update: SoftwareUpdateState | None = None
+    digest: str | None = Field(None, max_length=64)
     config: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -80,10 +83,12 @@ class ConfigMessageBody(pydantic.BaseModel):
         step: str | None = None,
         step_seconds: float | None = None,
         software_update: SoftwareUpdateState | None = None,
+        digest: str | None = None,
     ) -> ConfigMessageBody:
-        """The answer about a config given as JSON data (valid or not): its
-        revision and version where they can be read, its content with every
-        secret redacted. Called by the backend, the updater and the main loop."""
+        """The answer about a config given as JSON data: its revision and
+        version where they can be read, and its content with every secret
+        redacted, except in a rejection, which carries `digest` instead.
+        Called by the updater and the main loop."""
         version = general_field_of(config, "software_version")
         return cls(
             status=status,
@@ -93,7 +98,10 @@ class ConfigMessageBody(pydantic.BaseModel):
             step=step,
             step_seconds=None if step_seconds is None else round(step_seconds, 3),
             software_update=software_update,
-            config=redact_secrets(config) if isinstance(config, dict) else {},
+            digest=digest,
+            config=(
+                redact_secrets(config) if isinstance(config, dict) and status != "rejected" else {}
+            ),
         )
 
 

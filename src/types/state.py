@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from pydantic import Field
@@ -92,6 +92,21 @@ class UpdateProgress(_StateModel):
     step_started_at: float
 
 
+class PendingConfig(_StateModel):
+    """A config waiting for the main loop's updater, with where it came from:
+    `remote` (over MQTT, verified on arrival against the trust policy) or
+    `local` (`ivy config apply`: whoever runs it is trusted already).
+    `signed_at`, the signed ordering value of a signed config (None when
+    unsigned), decides whether it is newer than the last one handled; `digest`
+    (SHA-256 of what arrived) names it in answers."""
+
+    config: ForeignConfig
+    origin: Literal["remote", "local"]
+    digest: str = ""
+    signed_at: float | None = None
+    signer: str | None = None
+
+
 class ConfigOutcome(_StateModel):
     """How a config ended (what `ivy config apply` reports)."""
 
@@ -126,7 +141,14 @@ class State(_StateModel):
     processes: dict[str, ProcessState] = Field(default_factory=dict)
     system: SystemState = Field(default_factory=SystemState)
     backend_connection: BackendConnectionState | None = None
+    # configs for the updater, oldest first (bounded). `pending_configs` is
+    # what versions before the trust policy queued; read, never written
+    pending: list[PendingConfig] = Field(default_factory=list)
     pending_configs: list[ForeignConfig] = Field(default_factory=list)
+    # the signed ordering value of the newest signed config handled (accepted
+    # or rejected): a signed config is new only when signed later, whatever
+    # its revision, so that replays and huge revisions lock nobody out
+    newest_signed_config_at: float | None = None
     # the highest config revision that was accepted: a remote config must be
     # newer. Only accepted configs move it, so that a rejected config with an
     # absurd revision cannot lock out every later one.

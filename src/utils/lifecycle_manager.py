@@ -9,7 +9,6 @@ consecutive crashes resets once a child has run for `stable_seconds`.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import inspect
 import multiprocessing
@@ -29,23 +28,13 @@ from src.types import Config, ProcessState
 
 from .functions import capped_exponential_delay
 from .logger import Logger
+from .parent_death import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 _CONTEXT = multiprocessing.get_context("fork")
 _HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 ProcedureTarget = Callable[[Config, str], None]
 BackendTarget = Callable[[Config, str, multiprocessing.synchronize.Event], None]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the main loop still tears its children down on exit
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -68,7 +57,7 @@ def _child_entrypoint(
         # a backend stops through its teardown indicator, draining first
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     try:
         target(*args)
     except SystemExit:

@@ -17,16 +17,10 @@ from typing import Literal
 
 from src import constants
 from src.types import Config, LoggingVerbosityConfig, LogLevel, LogMessageBody
-from src.types.config import REDACTED, secret_values
+from src.types.config import mask_secrets, secret_values
 
 from .functions import current_log_file_path, log_level_is_visible
 from .messaging_agent import MessagingAgent
-
-# secrets shorter than this are not masked inside free text: a password "p"
-# would star out every letter p of every line; `ivy config check` warns about
-# them, and they are kept out of messages by construction (SecretStr, redacted
-# config dumps)
-MIN_MASKED_SECRET_LENGTH = 8
 
 
 class Logger:
@@ -40,11 +34,7 @@ class Logger:
         self.config = config
         self.verbosity = config.logging_verbosity if config else LoggingVerbosityConfig()
         revealed = json.loads(config.to_json(reveal_secrets=True)) if config else {}
-        self.secrets = sorted(
-            (v for v in secret_values(revealed) if len(v) >= MIN_MASKED_SECRET_LENGTH),
-            key=len,
-            reverse=True,
-        )
+        self.secrets = secret_values(revealed)
         self._messaging_agent: MessagingAgent | None = None
         self._sending = False
 
@@ -95,9 +85,7 @@ class Logger:
             self._messaging_agent = None
 
     def _redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return mask_secrets(text, self.secrets)
 
     def _log(self, level: LogLevel, message: str, details: str) -> None:
         message, details = self._redact(message), self._redact(details)

@@ -15,6 +15,7 @@ from src.types import Config, ConfigError
 from . import mainloop_toggle
 from .messaging_agent import MessagingAgent
 from .state_interface import StateInterface
+from .update.trust import TrustError, load_policy, summary
 
 _RESTART_GRACE = 120.0  # seconds a dead child may wait for its restart (backoff)
 
@@ -72,11 +73,21 @@ def collect_status() -> dict[str, Any]:
             if (running and state.update_in_progress is not None)
             else None
         ),
+        "trust": trust_lines(),
         "processes": {
             name: p.model_dump() | ({} if running else {"alive": False, "pid": None})
             for name, p in state.processes.items()
         },
     }
+
+
+def trust_lines() -> list[str]:
+    """What the trust policy lets in, a line each (`trust.summary`); a policy
+    that cannot be read says so."""
+    try:
+        return summary(load_policy())
+    except TrustError as e:
+        return [f"the trust policy cannot be read, so no remote config is taken: {e}"]
 
 
 def health_problems(

@@ -7,13 +7,15 @@ Called by the updater's worker process and by `ivy setup`."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 
-_PR_SET_PDEATHSIG = 1
+from src.types.config import mask_secrets
+
+from ..parent_death import preexec_die_with_this_process
+
 OUTPUT_TAIL_CHARACTERS = 2_000
 
 
@@ -21,30 +23,13 @@ class StepError(Exception):
     """An update step failed; the message says why, secrets masked."""
 
 
-def mask(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret replaced by `***`."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
 def output_tail(text: str, secrets: Iterable[str] = ()) -> str:
     """The last `OUTPUT_TAIL_CHARACTERS` of a command's output, secrets masked
     (masked before cutting, so that no half of a secret survives)."""
-    masked = mask(text, secrets).strip()
+    masked = mask_secrets(text, secrets).strip()
     if len(masked) <= OUTPUT_TAIL_CHARACTERS:
         return masked
     return "[…] " + masked[-OUTPUT_TAIL_CHARACTERS:]
-
-
-def die_with_parent() -> None:
-    """In a child between fork and exec: ask the kernel to kill it when
-    its parent dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the timeout still bounds the command
 
 
 def run_command(
@@ -70,7 +55,7 @@ def run_command(
             text=True,
             errors="replace",
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=preexec_die_with_this_process(),
         )
     except OSError as e:
         raise StepError(f"{os.path.basename(arguments[0])} cannot start: {e}") from None

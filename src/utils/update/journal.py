@@ -3,20 +3,44 @@ runs, which one it ran before (the one to go back to), and a candidate version
 while the station is switching to it. Written atomically (temporary file,
 fsync, rename), so that a power loss at any moment leaves the old or the new
 journal, and any start of any version can tell where an update stood.
+
+Three processes change it (the main loop, a trial's guard, `ivy rollback`), so
+every change is an `edit_journal()`: the file lock is held from the read to the
+write, and nobody writes back a copy read earlier (a guard that saved its own
+copy once overwrote an `ivy rollback` request made a moment before).
+
 The data directory is shared by all versions, so every version reads the same
-journal; unknown keys (a newer version's) are kept.
-Read and written by the main loop and its updater, and by `ivy setup`."""
+journal; unknown keys (a newer version's) are kept."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 import pydantic
 
-from src import constants
 from src.types.atomic_file import write_atomically
+
+from ..file_lock import file_lock
+from .paths import journal_lock_path, journal_path
+
+_LOCK_TIMEOUT_SECONDS = 30
+
+CandidatePhase = Literal["trial", "committed", "rolling_back"]
+# every move a candidate may make, in one place: a trial ends committed or
+# rolling back, and either is finished by whoever starts next
+_PHASE_MOVES: dict[CandidatePhase, frozenset[CandidatePhase]] = {
+    "trial": frozenset({"committed", "rolling_back"}),
+    "committed": frozenset(),
+    "rolling_back": frozenset(),
+}
+
+
+class JournalError(Exception):
+    """A change of the journal that its rules do not allow (a bug, not input)."""
 
 
 class Candidate(pydantic.BaseModel):
@@ -30,13 +54,20 @@ class Candidate(pydantic.BaseModel):
     from_version: str
     config_revision: int
     switched_at: float
-    phase: Literal["trial", "committed", "rolling_back"] = "trial"
+    phase: CandidatePhase = "trial"
     attempts: int = 0
     deadline_seconds: float = 300
     stable_seconds: float = 30
     max_starts: int = 3
     problem: str | None = None
     rollback_requested: bool = False
+
+    def move_to(self, phase: CandidatePhase) -> None:
+        """Change the phase, or raise `JournalError` when the move is not one
+        of `_PHASE_MOVES`."""
+        if phase not in _PHASE_MOVES[self.phase]:
+            raise JournalError(f"a candidate cannot move from {self.phase} to {phase}")
+        self.phase = phase
 
 
 class PendingAnswer(pydantic.BaseModel):
@@ -74,14 +105,7 @@ class UpdateJournal(pydantic.BaseModel):
     last_outcome: str | None = None
 
 
-def journal_path() -> str:
-    """`<data>/update-journal.json`."""
-    return os.path.join(constants.DATA_DIR, "update-journal.json")
-
-
-def load_journal() -> UpdateJournal:
-    """The journal; an empty one when there is none or it cannot be read (a
-    station set up before the journal existed)."""
+def _read() -> UpdateJournal:
     try:
         with open(journal_path(), encoding="utf-8") as f:
             return UpdateJournal.model_validate(json.load(f))
@@ -89,6 +113,30 @@ def load_journal() -> UpdateJournal:
         return UpdateJournal()
 
 
+def load_journal() -> UpdateJournal:
+    """The journal as it is now, to read (never to write back: change it with
+    `edit_journal`); an empty one when there is none or it cannot be read (a
+    station set up before the journal existed)."""
+    return _read()
+
+
+@contextlib.contextmanager
+def edit_journal() -> Iterator[UpdateJournal]:
+    """`with edit_journal() as journal: journal.x = ...`: read, change and
+    replace the journal atomically while holding its lock, so that changes of
+    other processes in between are never lost. Nothing is written when the
+    block raises."""
+    os.makedirs(os.path.dirname(journal_lock_path()), exist_ok=True)
+    with file_lock(journal_lock_path(), timeout=_LOCK_TIMEOUT_SECONDS):
+        journal = _read()
+        yield journal
+        write_atomically(journal_path(), journal.model_dump_json(indent=2) + "\n", mode=0o644)
+
+
 def save_journal(journal: UpdateJournal) -> None:
-    """Replace the journal atomically."""
-    write_atomically(journal_path(), journal.model_dump_json(indent=2) + "\n", mode=0o644)
+    """Replace the whole journal with `journal`, under the lock. For a process
+    that owns it outright (tests, a journal made from scratch); everyone else
+    edits (`edit_journal`)."""
+    os.makedirs(os.path.dirname(journal_lock_path()), exist_ok=True)
+    with file_lock(journal_lock_path(), timeout=_LOCK_TIMEOUT_SECONDS):
+        write_atomically(journal_path(), journal.model_dump_json(indent=2) + "\n", mode=0o644)

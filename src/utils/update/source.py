@@ -1,194 +1,286 @@
-"""Fetch the source of tag `v<version>` into `<root>/<version>/`, safely: into a
-staging directory first (cleaned up at the next start if a crash left it),
-checked, then renamed into place in one step. Sources: a GitHub or GitLab
-tarball over HTTPS with the token in a request header, or any git URL or local
-repository. No value from a config reaches a shell or a command line option,
-and a token never appears in a URL, an argument list or a log line.
-Called by the updater's worker (`Updater.download_source_code`)."""
+"""Fetch a release: exactly the tag `v<version>` of the pinned source, its
+signature verified, into `<root>/<version>/`.
+
+1. `git fetch` of `refs/tags/v<version>` alone into a fresh repository in a
+   staging directory under the root (a branch of the same name cannot stand
+   in for the tag). HTTPS only for GitHub and GitLab; the token travels in a
+   header scoped to the source's URL, through git's environment (never in a
+   URL, argv or log), and redirects are not followed.
+2. Before anything of the new tree is checked out, read or run: the tag must
+   be an annotated tag object whose own name is `v<version>` (a validly signed
+   tag of another version re-pointed under this name is refused) and `git
+   verify-tag` with the release signers (namespace `git`, OpenSSH keys only)
+   must exit 0. Only the exit code decides: git prints "Good signature" even
+   for a key outside the allowed signers.
+3. The verified commit is checked out, checked to call itself `<version>` in
+   its pyproject.toml, recorded in `<tree>/.ivy-release.json` (tag object,
+   commit, signer) and renamed into place in one step.
+
+A version directory that exists already is reused only when its record names
+the commit just verified; otherwise it is replaced (never the running version).
+Called by the update worker and by `ivy setup`."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 
 import tum_esm_utils.files
 
 from src import constants
-from src.types import UpdaterConfig
 
-_STAGING_PREFIX = ".staging-"
-_DOWNLOAD_TIMEOUT_SECONDS = 120
-_MAX_ARCHIVE_BYTES = 200 * 1024 * 1024
+from .paths import staging_prefix, version_directory
+from .trust import ReleaseSource, TrustPolicy, release_signers_path
+
+RELEASE_RECORD = ".ivy-release.json"
 _GIT_TIMEOUT_SECONDS = 300
 
 
 class DownloadError(Exception):
-    """The source could not be fetched or did not check out; the message says
-    why (never with a token in it)."""
+    """The source could not be fetched, verified or checked out; the message
+    says why (never with a token in it)."""
 
 
-def version_directory(version: str) -> str:
-    """`<root>/<version>`."""
-    return os.path.join(constants.ROOT_DIR, version)
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """What was verified about a version directory's tree."""
+
+    version: str
+    source: str
+    tag_object: str
+    commit: str
+    signer_checked: bool
+    verified_at: float
 
 
 def remove_stale_staging() -> list[str]:
     """Delete staging directories a crash left behind; return their names.
-    Called when an update starts (and by the main loop at start)."""
+    Called when a main loop starts."""
     if not os.path.isdir(constants.ROOT_DIR):
         return []
     removed = []
     for name in os.listdir(constants.ROOT_DIR):
-        if name.startswith(_STAGING_PREFIX):
+        if name.startswith(staging_prefix()):
             shutil.rmtree(os.path.join(constants.ROOT_DIR, name), ignore_errors=True)
             removed.append(name)
     return removed
 
 
-def tarball_request(config: UpdaterConfig, version: str) -> urllib.request.Request:
-    """The HTTPS request for a GitHub or GitLab tarball of tag `v<version>`,
-    the token (if any) in a header."""
-    tag = f"v{version}"
-    headers = {"User-Agent": f"{constants.NAME}-updater"}
-    token = config.access_token.get_secret_value() if config.access_token else None
-    if config.source == "github":
-        owner_name = urllib.parse.quote(config.repository, safe="/")
-        url = f"https://api.github.com/repos/{owner_name}/tarball/{urllib.parse.quote(tag)}"
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-    elif config.source == "gitlab":
-        project = urllib.parse.quote(config.repository, safe="")
-        url = (
-            f"https://{config.host or 'gitlab.com'}/api/v4/projects/{project}"
-            f"/repository/archive.tar.gz?sha={urllib.parse.quote(tag)}"
-        )
-        if token:
-            headers["PRIVATE-TOKEN"] = token
-    else:
-        raise DownloadError(f"updater.source: {config.source!r} has no tarball")
-    return urllib.request.Request(url, headers=headers)  # noqa: S310 - https only
+def _token_user(source: ReleaseSource) -> str:
+    # GitHub takes any user name with a token; x-access-token is its own
+    return {"github": "x-access-token", "gitlab": "oauth2"}.get(source.source, "token")
 
 
-def _download(request: urllib.request.Request, path: str) -> None:
-    if not request.full_url.startswith("https://"):
-        raise DownloadError("only HTTPS downloads are allowed")
+def git_environment(source: ReleaseSource, token: str | None) -> dict[str, str]:
+    """The environment of every git command on the release source: no prompt,
+    no system or user hooks and filters, only the protocols the source needs,
+    and the token (if any) as a header sent to the source's URL only."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("GIT_") or key in ("GIT_SSL_CAINFO", "GIT_SSH_COMMAND")
+    }
+    environment.update(
+        {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_ALLOW_PROTOCOL": "https" if source.source != "git" else "https:ssh:file",
+        }
+    )
+    settings: dict[str, str] = {
+        "http.followRedirects": "false",
+        "core.hooksPath": os.devnull,
+        "protocol.file.allow": "always" if source.source == "git" else "never",
+    }
+    if token:
+        credentials = base64.b64encode(f"{_token_user(source)}:{token}".encode()).decode()
+        # scoped to the source's URL: a header for exactly that origin
+        settings[f"http.{source.git_url()}.extraHeader"] = f"Authorization: Basic {credentials}"
+    environment["GIT_CONFIG_COUNT"] = str(len(settings))
+    for index, (key, value) in enumerate(settings.items()):
+        environment[f"GIT_CONFIG_KEY_{index}"] = key
+        environment[f"GIT_CONFIG_VALUE_{index}"] = value
+    return environment
+
+
+def _git(
+    arguments: list[str], repository: str, environment: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
     try:
-        with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_SECONDS) as response:  # noqa: S310
-            with open(path, "wb") as f:
-                size = 0
-                while chunk := response.read(1 << 16):
-                    size += len(chunk)
-                    if size > _MAX_ARCHIVE_BYTES:
-                        raise DownloadError(f"the archive exceeds {_MAX_ARCHIVE_BYTES} bytes")
-                    f.write(chunk)
-    except urllib.error.HTTPError as e:
-        raise DownloadError(f"the server answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DownloadError(f"the download failed: {reason}") from None
-
-
-def extract_safely(archive: str, destination: str) -> None:
-    """Extract a tarball whose members all lie in one top-level directory into
-    `destination` (that directory's content), refusing absolute paths, paths
-    that escape, links that point outside, and devices (tarfile's data
-    filter, plus the single-root check)."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                if member.name.startswith("/") or ".." in member.name.split("/"):
-                    raise DownloadError(f"unsafe archive member refused: {member.name!r}")
-            roots = {m.name.split("/", 1)[0] for m in members}
-            if len(roots) != 1:
-                raise DownloadError(f"expected one top-level directory, found {len(roots)}")
-            root = roots.pop()
-            extracted = destination + ".extract"
-            tar.extractall(extracted, filter="data")
-    except tarfile.FilterError as e:
-        raise DownloadError(f"unsafe archive member refused: {e}") from None
-    except (tarfile.TarError, OSError) as e:
-        raise DownloadError(f"the archive cannot be read: {e}") from None
-    os.replace(os.path.join(extracted, root), destination)
-    shutil.rmtree(extracted, ignore_errors=True)
-
-
-def _git_clone(config: UpdaterConfig, version: str, destination: str) -> None:
-    environment = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    if config.access_token is not None:
-        # a header through the environment: never in argv (visible in ps) or a URL
-        environment.update(
-            {
-                "GIT_CONFIG_COUNT": "1",
-                "GIT_CONFIG_KEY_0": "http.extraHeader",
-                "GIT_CONFIG_VALUE_0": f"Authorization: Bearer "
-                f"{config.access_token.get_secret_value()}",
-            }
-        )
-    command = [
-        "git",
-        "-c",
-        "advice.detachedHead=false",
-        "clone",
-        "--quiet",
-        "--depth",
-        "1",
-        "--branch",
-        f"v{version}",
-        "--",  # the repository can never be taken for an option
-        config.repository,
-        destination,
-    ]
-    try:
-        result = subprocess.run(
-            command,
-            env=environment,
+        return subprocess.run(
+            ["git", "-C", repository, *arguments],
+            env=dict(environment),
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
+            errors="replace",
             timeout=_GIT_TIMEOUT_SECONDS,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise DownloadError(f"git clone took longer than {_GIT_TIMEOUT_SECONDS} s") from None
-    if result.returncode != 0:
-        raise DownloadError(f"git clone failed: {result.stderr.strip()[-1_000:]}")
-    shutil.rmtree(os.path.join(destination, ".git"), ignore_errors=True)
+        raise DownloadError(
+            f"git {arguments[0]} took longer than {_GIT_TIMEOUT_SECONDS} s"
+        ) from None
 
 
-def download_source_code(
-    config: UpdaterConfig, version: str, log_progress: Callable[[str], None]
-) -> str:
-    """Fetch tag `v<version>` into `<root>/<version>` and return that path.
-    A version directory that exists already is left as it is and returned.
-    Raise `DownloadError` with the reason otherwise."""
-    target = version_directory(version)
-    if os.path.isdir(target):
-        log_progress(f"{target} exists already")
-        return target
-    os.makedirs(constants.ROOT_DIR, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-", dir=constants.ROOT_DIR)
+def _fetch_tag(
+    source: ReleaseSource, token: str | None, tag: str, repository: str
+) -> dict[str, str]:
+    environment = git_environment(source, token)
+    init = _git(["init", "--quiet"], repository, environment)
+    if init.returncode != 0:
+        raise DownloadError(f"git init failed: {init.stderr.strip()[-500:]}")
+    fetched = _git(
+        [
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--depth",
+            "1",
+            "--",  # the URL can never be taken for an option
+            source.git_url(),
+            f"+refs/tags/{tag}:refs/tags/{tag}",
+        ],
+        repository,
+        environment,
+    )
+    if fetched.returncode != 0:
+        raise DownloadError(f"git fetch of tag {tag} failed: {fetched.stderr.strip()[-1_000:]}")
+    return environment
+
+
+def _verify_tag(
+    policy: TrustPolicy, tag: str, repository: str, environment: Mapping[str, str]
+) -> tuple[str, str]:
+    """(tag object, commit) of a tag that passed every check; raise otherwise."""
+    ref = f"refs/tags/{tag}"
+    kind = _git(["cat-file", "-t", ref], repository, environment).stdout.strip()
+    signed = not policy.accept_unsigned_releases
+    if kind != "tag" and signed:
+        raise DownloadError(f"{tag} is a lightweight tag: it carries no signature")
+    if kind == "tag":
+        header = _git(["cat-file", "tag", ref], repository, environment).stdout
+        fields = dict(line.split(" ", 1) for line in header.split("\n\n", 1)[0].splitlines())
+        if fields.get("tag") != tag or fields.get("type") != "commit":
+            raise DownloadError(
+                f"the tag object under {tag} names itself {fields.get('tag')!r} "
+                f"(a {fields.get('type')}), not {tag}: refused"
+            )
+    if signed:
+        signers = release_signers_path()
+        if not os.path.isfile(signers):
+            raise DownloadError(f"no release signers ({signers}): no release can be verified")
+        verified = _git(
+            [
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                "gpg.ssh.program=ssh-keygen",
+                "-c",
+                f"gpg.ssh.allowedSignersFile={signers}",
+                "-c",
+                "gpg.program=false",
+                "-c",
+                "gpg.x509.program=false",
+                "verify-tag",
+                ref,
+            ],
+            repository,
+            environment,
+        )
+        if verified.returncode != 0:
+            raise DownloadError(
+                f"the signature of tag {tag} does not verify against the release signers "
+                f"({signers}): refused before anything of it was read"
+            )
+    tag_object = _git(["rev-parse", ref], repository, environment).stdout.strip()
+    commit = _git(["rev-parse", f"{ref}^{{commit}}"], repository, environment).stdout.strip()
+    if not commit:
+        raise DownloadError(f"{tag} does not point at a commit")
+    return tag_object, commit
+
+
+def read_release_record(directory: str) -> ReleaseRecord | None:
+    """The verification record of a version directory, or None."""
     try:
-        source = os.path.join(staging, "source")
-        if config.source == "git":
-            log_progress(f"cloning tag v{version}")
-            _git_clone(config, version, source)
-        else:
-            log_progress(f"downloading the {config.source} tarball of v{version}")
-            archive = os.path.join(staging, "source.tar.gz")
-            _download(tarball_request(config, version), archive)
-            extract_safely(archive, source)
-        _check_version(source, version)
-        os.replace(source, target)
+        with open(os.path.join(directory, RELEASE_RECORD), encoding="utf-8") as f:
+            return ReleaseRecord(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def fetch_release(
+    policy: TrustPolicy,
+    version: str,
+    token: str | None,
+    log_progress: Callable[[str], None],
+) -> str:
+    """Fetch, verify and check out tag `v<version>` of the pinned source into
+    `<root>/<version>` and return that path; raise `DownloadError` with the
+    reason. The staging directory goes whatever happens."""
+    source = policy.release_source
+    if source is None:
+        raise DownloadError("the trust policy pins no release source: no version can be fetched")
+    tag = f"v{version}"
+    os.makedirs(constants.ROOT_DIR, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"{staging_prefix()}{version}-", dir=constants.ROOT_DIR)
+    try:
+        tree = os.path.join(staging, "tree")
+        os.makedirs(tree)
+        log_progress(f"fetching tag {tag} of {source.git_url()}")
+        environment = _fetch_tag(source, token, tag, tree)
+        tag_object, commit = _verify_tag(policy, tag, tree, environment)
+        log_progress(
+            f"tag {tag} verified ({commit[:12]})"
+            if not policy.accept_unsigned_releases
+            else f"tag {tag} fetched UNVERIFIED (the trust policy accepts unsigned releases)"
+        )
+        checkout = _git(
+            ["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit],
+            tree,
+            environment,
+        )
+        if checkout.returncode != 0:
+            raise DownloadError(f"git checkout failed: {checkout.stderr.strip()[-1_000:]}")
+        shutil.rmtree(os.path.join(tree, ".git"))
+        _check_version(tree, version)
+        record = ReleaseRecord(
+            version=version,
+            source=source.git_url(),
+            tag_object=tag_object,
+            commit=commit,
+            signer_checked=not policy.accept_unsigned_releases,
+            verified_at=time.time(),
+        )
+        with open(os.path.join(tree, RELEASE_RECORD), "w", encoding="utf-8") as f:
+            json.dump(asdict(record), f, indent=2)
+        return _move_into_place(tree, version, record, log_progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log_progress(f"source of v{version} is in {target}")
+
+
+def _move_into_place(
+    tree: str, version: str, record: ReleaseRecord, log_progress: Callable[[str], None]
+) -> str:
+    target = version_directory(version)
+    if os.path.isdir(target):
+        existing = read_release_record(target)
+        if existing is not None and existing.commit == record.commit and existing.signer_checked:
+            log_progress(f"{target} holds this verified commit already; kept")
+            return target
+        if os.path.realpath(target) == os.path.realpath(constants.PROJECT_DIR):
+            raise DownloadError(f"{target} is the running version: not replaced")
+        log_progress(f"{target} has no record of this verified commit; replacing it")
+        shutil.rmtree(target)
+    os.replace(tree, target)
+    log_progress(f"release {version} ({record.commit[:12]}) is in {target}")
     return target
 
 
