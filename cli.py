@@ -861,13 +861,20 @@ def rollback() -> None:
     rolls the candidate back; otherwise the station is stopped, the pointer
     goes back to the previous version (this one is marked bad) and the
     station is started again if it ran."""
-    from src.utils.update import RollbackError, request_rollback, roll_back_by_hand
+    from src.utils.update import (
+        RollbackError,
+        previous_version,
+        request_rollback,
+        roll_back_by_hand,
+    )
     from src.utils.update.paths import cli_pointer_path
 
     asked = request_rollback()
     if asked is not None:
         click.echo(asked)
         return
+    if previous_version() is None:
+        _fail("there is no previous version to go back to")
     revision = _load_config_or_fail().general.config_revision
     was_running = mainloop_toggle.is_running()
     if was_running:

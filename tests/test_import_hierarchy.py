@@ -1,7 +1,9 @@
 """DESIGN §1: constants -> types -> utils -> procedures/backend -> main; a module
 never imports from a layer to its right, and procedures and backends never
 import each other. A package's `__main__` (run with `python -m`, imported by
-nothing) counts as the top layer."""
+nothing) counts as the top layer. No cycles either, not even inside a layer
+and not through an import inside a function (imports under `if TYPE_CHECKING:`
+never run and do not count)."""
 
 from __future__ import annotations
 
@@ -25,12 +27,27 @@ def layer_of(module: str) -> str | None:
     return parts[1] if parts[1] in LAYERS else None
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under `if TYPE_CHECKING:`."""
+    found: list[ast.AST] = []
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        found.append(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.dump(child.test):
+                pending.extend(child.orelse)
+                continue
+            pending.append(child)
+    return found
+
+
 def imports_of(path: str, module: str) -> list[str]:
     with open(path) as f:
         tree = ast.parse(f.read())
     package = module.rsplit(".", 1)[0] if not path.endswith("__init__.py") else module
     found: list[str] = []
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -84,3 +101,75 @@ def test_the_checker_finds_upward_relative_and_sideways_imports(tmp_path: Any) -
         "src.utils.bad imports src.main",
         "src.utils.bad imports src.main.run",
     ]
+
+
+def modules_of(project_dir: str) -> dict[str, str]:
+    """module name -> path, for every module under src/."""
+    found = {}
+    for directory, _, files in os.walk(os.path.join(project_dir, "src")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, project_dir)[:-3].replace(os.sep, ".")
+                found[relative.removesuffix(".__init__")] = path
+    return found
+
+
+def find_cycles(project_dir: str) -> list[list[str]]:
+    """The import cycles among src's modules (strongly connected components
+    of the import graph with more than one module, or a module importing
+    itself), each sorted."""
+    modules = modules_of(project_dir)
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        edges = set()
+        for imported in imports_of(path, module):
+            if imported in modules and imported not in (module, module.rsplit(".", 1)[0]):
+                edges.add(imported)
+        graph[module] = edges
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph[node]:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles_inside_or_across_layers() -> None:
+    assert find_cycles(PROJECT_DIR) == []
+
+
+def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path: Any) -> None:
+    (tmp_path / "src" / "utils").mkdir(parents=True)
+    (tmp_path / "src" / "utils" / "a.py").write_text("from .b import x\n")
+    (tmp_path / "src" / "utils" / "b.py").write_text("def f():\n    from src.utils import a\n")
+    (tmp_path / "src" / "utils" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\n"
+    )
+    (tmp_path / "src" / "utils" / "d.py").write_text("from .c import z\n")
+    assert find_cycles(str(tmp_path)) == [["src.utils.a", "src.utils.b"]]

@@ -325,7 +325,9 @@ def test_tenta_envelopes() -> None:
     good = tenta_config_in(
         {"revision": 9, "configuration": {"general": {"software_version": "0.1.0"}}}
     )
-    assert good.error is None and good.config["general"]["config_revision"] == 9
+    # Tenta's revision is the config's once it is verified (the receiver sets it)
+    assert good.error is None and good.server_revision == 9
+    assert good.config == {"general": {"software_version": "0.1.0"}}
     assert "not valid JSON" in tenta_config_in(b"{oops").error
     assert "revision: expected an integer" in tenta_config_in({"configuration": {}}).error
     assert (

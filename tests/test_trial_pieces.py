@@ -16,9 +16,9 @@ from src.types import ProcessState, State
 from src.types.state import BackendConnectionState
 from src.utils import systemd_notify
 from src.utils.update.health import HealthWatch
-from src.utils.update.journal import Candidate, load_journal, save_journal
+from src.utils.update.journal import Candidate, JournalError, load_journal, save_journal
 from src.utils.update.paths import cli_pointer_path
-from src.utils.update.version_trial import resolve_at_start
+from src.utils.update.version_trial import Guard, request_rollback, resolve_at_start
 
 pytestmark = [pytest.mark.quick, pytest.mark.updater]
 
@@ -144,6 +144,29 @@ def test_a_rollback_cut_short_is_finished_by_the_next_start(root: str) -> None:
 def test_a_trial_cut_short_is_resumed_by_a_guard(root: str) -> None:
     on_trial("trial")
     assert resolve_at_start() == "guard"
+
+
+def test_an_ivy_rollback_request_survives_the_guard_recording_a_failed_start(root: str) -> None:
+    """Three processes edit the journal (main loop, guard, `ivy rollback`). The
+    guard once saved the copy it had read at its start, so a rollback asked
+    for meanwhile was overwritten and the trial went on. Every edit now reads
+    under the lock and the guard writes only its own fields."""
+    on_trial("trial")
+    guard = Guard()  # reads the candidate, as the guard does when a trial starts
+    assert request_rollback() == "asked the guard to roll 1.1.0 back to 1.0.0"
+    guard._record(attempts=2, problem="its main loop exited with code 1")
+    candidate = load_journal().candidate
+    assert candidate is not None and candidate.rollback_requested
+    assert (candidate.attempts, candidate.problem) == (2, "its main loop exited with code 1")
+
+
+def test_a_candidate_moves_only_as_the_journal_allows() -> None:
+    candidate = Candidate(version="1.1.0", from_version="1.0.0", config_revision=1, switched_at=0)
+    candidate.move_to("committed")
+    with pytest.raises(JournalError, match="cannot move from committed to rolling_back"):
+        candidate.move_to("rolling_back")
+    with pytest.raises(JournalError, match="from committed to trial"):
+        candidate.move_to("trial")
 
 
 def test_systemd_hears_ready_and_watchdog(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

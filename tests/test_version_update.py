@@ -264,6 +264,7 @@ def test_a_release_signed_by_an_unknown_key_is_refused_and_nothing_of_it_runs(
     version = "9.8.7"
     clone = str(tmp_path / "evil-release")
     subprocess.run(["git", "clone", "--quiet", releases.repository, clone], check=True)
+    git("checkout", "--quiet", f"v{BASE}", cwd=clone)
     set_version(clone, BASE, version)
     for name in ("cli.py", "conftest.py", "run.py"):
         with open(os.path.join(clone, name), "a") as f:

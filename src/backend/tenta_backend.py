@@ -32,6 +32,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from src.types import Config
+from src.types.backend import BackendInfo
 from src.types.config import is_valid_revision
 from src.utils.messaging_agent import QueueRow
 from src.utils.update.admission import parse_json_object
@@ -223,3 +224,6 @@ class TentaProvider(Provider):
 def run(config: Config, name: str, teardown_indicator: Event) -> None:
     """The Tenta backend process, started by the main loop."""
     run_backend(config, name, teardown_indicator, TentaProvider(config))
+
+
+info = BackendInfo(run=run)

@@ -20,6 +20,7 @@ from typing import Any
 
 from src import constants
 from src.types import Config
+from src.types.backend import BackendInfo
 from src.utils.messaging_agent import QueueRow
 from src.utils.update.admission import parse_json_object
 
@@ -167,3 +168,6 @@ class ThingsBoardProvider(Provider):
 def run(config: Config, name: str, teardown_indicator: Event) -> None:
     """The ThingsBoard backend process, started by the main loop."""
     run_backend(config, name, teardown_indicator, ThingsBoardProvider(config))
+
+
+info = BackendInfo(run=run)

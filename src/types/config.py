@@ -227,8 +227,35 @@ class TLSConfig(_Section):
         return self
 
 
+@functools.cache
+def backend_provider_names() -> tuple[str, ...]:
+    """The providers the backend modules offer, one per module
+    `src/backend/<provider>_backend.py`, read from the directory listing (no
+    import: this layer cannot import backends, and most processes never do)."""
+    directory = os.path.join(constants.PROJECT_DIR, "src", "backend")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    suffix = "_backend.py"
+    return tuple(sorted(n[: -len(suffix)] for n in names if n.endswith(suffix)))
+
+
+def _provider_enum(schema: dict[str, Any]) -> None:
+    schema["enum"] = list(backend_provider_names())
+
+
 class BackendConfig(_Section):
-    provider: Literal["tenta", "thingsboard"] = Field(..., description="Protocol spoken.")
+    provider: str = Field(..., description="Protocol spoken.", json_schema_extra=_provider_enum)
+
+    @pydantic.field_validator("provider")
+    @classmethod
+    def _known_provider(cls, provider: str) -> str:
+        known = backend_provider_names()
+        if provider not in known:
+            expected = " or ".join(", ".join(repr(n) for n in known).rsplit(", ", 1))
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": expected}
+            )
+        return provider
+
     mqtt_host: str = Field(..., pattern=_HOSTNAME_PATTERN, description="Broker host.")
     mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
     mqtt_client_id: str = Field(

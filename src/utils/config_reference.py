@@ -61,6 +61,16 @@ def _constraints(field: FieldInfo) -> str:
     return ", ".join(found)
 
 
+def _schema_enum(field: FieldInfo) -> list[Any] | None:
+    extra = field.json_schema_extra
+    if not callable(extra):
+        return None
+    schema: dict[str, Any] = {}
+    extra(schema)
+    enum = schema.get("enum")
+    return list(enum) if isinstance(enum, list) else None
+
+
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
@@ -86,8 +96,12 @@ def _render_model(model: type[pydantic.BaseModel], prefix: str, out: list[str]) 
         if sub is not None:
             nested.append((f"{prefix}.{name}", sub))
         description = re.sub(r"\s+", " ", field.description or "")
+        type_name = _type_name(field.annotation)
+        enum = _schema_enum(field)
+        if enum is not None:  # a set of values known only at run time (backend providers)
+            type_name = " \\| ".join(json.dumps(value) for value in enum)
         out.append(
-            f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | "
+            f"| `{name}` | {type_name} | {_default(field)} | "
             f"{_constraints(field)} | {description} |"
         )
     for path, sub in nested:

@@ -36,6 +36,7 @@ import tum_esm_utils.files
 
 from src import constants
 
+from ..parent_death import preexec_die_with_this_process
 from .paths import staging_prefix, version_directory
 from .trust import ReleaseSource, TrustPolicy, release_signers_path
 
@@ -96,6 +97,9 @@ def git_environment(source: ReleaseSource, token: str | None) -> dict[str, str]:
     )
     settings: dict[str, str] = {
         "http.followRedirects": "false",
+        # a transfer that stalls below 1 kB/s for a minute is given up
+        "http.lowSpeedLimit": "1000",
+        "http.lowSpeedTime": "60",
         "core.hooksPath": os.devnull,
         "protocol.file.allow": "always" if source.source == "git" else "never",
     }
@@ -123,6 +127,9 @@ def _git(
             errors="replace",
             timeout=_GIT_TIMEOUT_SECONDS,
             check=False,
+            # git dies with the update worker (a kill -9 of the main loop leaves
+            # no fetch behind); its HTTPS helper ends on the low-speed limit
+            preexec_fn=preexec_die_with_this_process(),
         )
     except subprocess.TimeoutExpired:
         raise DownloadError(

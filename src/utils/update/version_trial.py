@@ -365,14 +365,23 @@ def request_rollback() -> str | None:
         return f"asked the guard to roll {candidate.version} back to {candidate.from_version}"
 
 
-def roll_back_by_hand(config_revision: int) -> str:
-    """Outside a trial, with the station stopped: point back at the previous
-    version, marking this one bad; return the previous version. Raise
-    `RollbackError` when there is none to go back to. Called by `ivy rollback`."""
+def previous_version() -> str | None:
+    """The version `ivy rollback` would go back to: the journal's previous
+    one, if it is still installed."""
     previous = load_journal().previous
     if previous is None or not os.path.isfile(
         os.path.join(version_directory(previous), ".venv", "bin", "python")
     ):
+        return None
+    return previous
+
+
+def roll_back_by_hand(config_revision: int) -> str:
+    """Outside a trial, with the station stopped: point back at the previous
+    version, marking this one bad; return the previous version. Raise
+    `RollbackError` when there is none to go back to. Called by `ivy rollback`."""
+    previous = previous_version()
+    if previous is None:
         raise RollbackError("there is no previous version to go back to")
     by_hand = Candidate(
         version=constants.VERSION.root,
