@@ -1,5 +1,6 @@
-"""The README stays true: the generated config reference, the two quick-start
-commands, and CI calling the README's test command."""
+"""The README and the guides in docs/ stay true: the generated config
+reference, the two quick-start commands, CI calling the README's test
+command, the tested procedure example, and every guide the README links."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ def read(*parts: str) -> str:
         return f.read()
 
 
-def test_config_reference_in_readme_is_the_generated_one() -> None:
-    readme = read("README.md")
+def test_config_reference_in_the_docs_is_the_generated_one() -> None:
+    reference = read("docs", "config-reference.md")
     match = re.search(
-        r"<!-- config-reference:start -->\n(.*)<!-- config-reference:end -->", readme, re.S
+        r"<!-- config-reference:start -->\n(.*)<!-- config-reference:end -->", reference, re.S
     )
     assert match is not None
     assert match.group(1) == render_config_reference(), "run: ivy config reference"
@@ -43,8 +44,8 @@ def test_quick_start_commands_exist_and_ci_runs_the_test_command() -> None:
 
 
 def test_the_procedure_guide_shows_the_tested_example() -> None:
-    readme = read("README.md")
-    match = re.search(r"<!-- procedure-example:start -->\n```python\n(.*?)```\n", readme, re.S)
+    guide = read("docs", "procedures.md")
+    match = re.search(r"<!-- procedure-example:start -->\n```python\n(.*?)```\n", guide, re.S)
     assert match is not None
     assert match.group(1) == read("tests", "reference_procedure.py")
 
@@ -56,3 +57,11 @@ def test_the_json_schema_for_editors_is_the_generated_one() -> None:
     schema = json.loads(render_json_schema())
     assert schema["additionalProperties"] is False
     assert {"general", "backend", "dummy_procedure", "system_checks"} <= set(schema["properties"])
+
+
+def test_every_guide_the_readme_links_exists_and_every_guide_is_linked() -> None:
+    readme = read("README.md")
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]+)?\)", readme))
+    present = {f"docs/{name}" for name in os.listdir(os.path.join(PROJECT_DIR, "docs"))}
+    assert linked == present
+    assert len(readme.splitlines()) < 120  # the front door, not the manual
