@@ -26,9 +26,16 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     return make_releases(str(tmp_path_factory.mktemp("releases") / "ivy"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def package_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("uv-cache"))
+    """uv's package cache, shared by every test and every xdist worker of the
+    run (uv locks its cache), so that each package is downloaded once."""
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own basetemp in the run's
+        run = run.parent
+    directory = run / "shared-uv-cache"
+    directory.mkdir(exist_ok=True)
+    return str(directory)
 
 
 def set_up(

@@ -108,13 +108,13 @@ def test_only_the_operator_can_change_the_station(
 
     evil = config(ATTACK_VERSION, updater={"source": "git", "repository": attacker_repository})
     publish(broker.port, topic, {"revision": 5, "configuration": evil}, retain=True)
-    assert wait_until(lambda: logs("claiming revision 5 was not accepted"), timeout=60)
+    assert wait_until(lambda: bool(logs("claiming revision 5 was not accepted")), timeout=60)
     assert "unsigned: this station takes only configs signed" in logs("claiming revision 5")[0]
 
     attacker_key = make_signer(str(tmp_path / "attacker-keys-2"), "attacker")
     signed_by_attacker = attacker_key.sign(evil)
     publish(broker.port, topic, {"revision": 6, "configuration": signed_by_attacker}, retain=True)
-    assert wait_until(lambda: logs("claiming revision 6 was not accepted"), timeout=60)
+    assert wait_until(lambda: bool(logs("claiming revision 6 was not accepted")), timeout=60)
     assert "not made by a key this station trusts" in logs("claiming revision 6")[0]
 
     # even the operator's own key cannot send the station elsewhere for code
@@ -124,14 +124,14 @@ def test_only_the_operator_can_change_the_station(
     def acknowledged(revision: int) -> list[dict[str, Any]]:
         return [a for a in subscriber.items("acknowledgments/") if a["revision"] == revision]
 
-    assert wait_until(lambda: acknowledged(7), timeout=60)
+    assert wait_until(lambda: bool(acknowledged(7)), timeout=60)
     assert acknowledged(7)[0]["success"] is False
-    assert wait_until(lambda: logs("names a release source other than"), timeout=30)
+    assert wait_until(lambda: bool(logs("names a release source other than")), timeout=30)
 
     # an unsigned config with the largest revision, once a lock-out
     locked = config(BASE)
     publish(broker.port, topic, {"revision": 2**31 - 1, "configuration": locked}, retain=True)
-    assert wait_until(lambda: logs(f"claiming revision {2**31 - 1} was not accepted"), 60)
+    assert wait_until(lambda: bool(logs(f"claiming revision {2**31 - 1} was not accepted")), 60)
 
     assert not os.path.exists(marker)
     assert not os.path.exists(os.path.join(station.root, ATTACK_VERSION))
@@ -145,7 +145,7 @@ def test_only_the_operator_can_change_the_station(
     publish(
         broker.port, topic, {"revision": 8, "configuration": releases.config_key.sign(good)}, True
     )
-    assert wait_until(lambda: acknowledged(8), timeout=300, interval=0.5), logs("revision 8")
+    assert wait_until(lambda: bool(acknowledged(8)), timeout=300, interval=0.5), logs("revision 8")
     assert acknowledged(8)[0]["success"] is True
     assert station.pointed_version() == GOOD
     assert wait_until(lambda: station.running_versions() == {GOOD}, timeout=30)

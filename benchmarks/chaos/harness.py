@@ -24,10 +24,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .broker import ChaosBroker, wait_for
 from .observers import Recorder, Sampler
 from .report import build_report
-from .station import PRODUCERS, STATION_IDENTIFIER, ChaosStation
+from .station import BACKEND_LONGEST_BACKOFF_S, PRODUCERS, STATION_IDENTIFIER, ChaosStation
 
 # Paho's longest reconnect delay in the backend (src/backend/mqtt_connection.py)
-BACKEND_LONGEST_BACKOFF_S = 60
 RECOVERY_TIMEOUT_S = 90
 BROKER_FAULTS = ("broker_blip", "broker_outage", "broker_amnesia", "queue_cap")
 FAULT_KINDS = (

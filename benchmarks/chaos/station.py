@@ -22,6 +22,9 @@ import psutil
 from benchmarks.signing import make_signer, trust_station
 from src import constants
 
+# the longest wait between the backend's reconnect attempts; outages outlast it
+BACKEND_LONGEST_BACKOFF_S = 8
+
 PRODUCERS = ("chaos_producer_a", "chaos_producer_b")
 STATION_IDENTIFIER = "c4a05000-0000-4000-8000-000000000011"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,6 +128,7 @@ class ChaosStation:
             "mqtt_port": port,
             "mqtt_client_id": "ivy-chaos-station",
             "max_drain_time": 5,
+            "reconnect_max_seconds": BACKEND_LONGEST_BACKOFF_S,
         }
         config["trial"] = {"deadline_seconds": 120, "stable_seconds": 2, "max_starts": 3}
         # only the producers make data, so the size cap drops only their messages

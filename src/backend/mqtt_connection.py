@@ -1,8 +1,10 @@
 """The one MQTT connection layer every provider uses (paho-mqtt 2.x).
 
 Persistent session, subscriptions renewed in `on_connect` (so they survive
-reconnects), TLS, and reconnection with capped exponential backoff inside the
-process: a broker outage is not a crash. Connection problems are logged once
+reconnects), TLS, and reconnection with capped exponential backoff and full
+jitter inside the process: a broker outage is not a crash, and a thousand
+stations behind a broker that restarts do not all come back in the same
+second. Connection problems are logged once
 per change of state, not once per retry. paho's network thread only puts
 events on queues; the backend's own thread does all the work.
 """
@@ -10,6 +12,7 @@ events on queues; the backend's own thread does all the work.
 from __future__ import annotations
 
 import queue
+import random
 import socket
 import ssl
 import threading
@@ -28,8 +31,8 @@ from src.types import BackendConfig
 from src.utils.logger import Logger
 
 _KEEPALIVE_SECONDS = 30
-_RECONNECT_MIN_DELAY = 1
-_RECONNECT_MAX_DELAY = 60
+# the n-th retry waits a random time in [_RECONNECT_MIN_DELAY, min(cap, 2**n)]
+_RECONNECT_MIN_DELAY = 0.5
 # MQTT 5: how long the broker keeps our session (queued configs) while offline
 _SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 # a broker that hangs up this soon after its CONNACK did not like the session
@@ -98,12 +101,23 @@ class MQTTConnection:
             self.client.tls_insecure_set(not config.tls.check_hostname)
         self.client.max_inflight_messages_set(config.max_parallel_messages)
         self.client.max_queued_messages_set(0)  # unbounded: the drain loop bounds it
-        self.client.reconnect_delay_set(_RECONNECT_MIN_DELAY, _RECONNECT_MAX_DELAY)
+        self._failures = 0
+        self._random = random.Random()
+        self._next_reconnect_delay()
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+
+    def _next_reconnect_delay(self) -> None:
+        """Tell paho how long to wait before its next attempt: full jitter over
+        a window that doubles with each failure up to the configured cap."""
+        window = min(float(self.config.reconnect_max_seconds), 2.0 ** min(self._failures, 16))
+        delay = self._random.uniform(_RECONNECT_MIN_DELAY, max(window, _RECONNECT_MIN_DELAY))
+        # paho waits its minimum after this call; floats work, its hint says int
+        self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        self._failures += 1
 
     @property
     def address(self) -> str:
@@ -159,7 +173,7 @@ class MQTTConnection:
         )
         if failure:
             self.logger.warning(
-                f"MQTT {state}; retrying with backoff up to {_RECONNECT_MAX_DELAY} s"
+                f"MQTT {state}; retrying with backoff up to {self.config.reconnect_max_seconds} s"
             )
         else:
             self.logger.info(f"MQTT {state}")
@@ -186,6 +200,8 @@ class MQTTConnection:
             return
         self._refused = False
         self._connected_at = time.monotonic()
+        self._failures = 0
+        self._next_reconnect_delay()
         self._connected.set()
         self._log_state(f"connected to {self.address}", False)
         for topic in self.subscriptions:
@@ -195,6 +211,7 @@ class MQTTConnection:
         self.wakeup.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self._next_reconnect_delay()
         # the probe runs only when the state changes, not on every retry
         self._log_state(f"cannot reach the broker at {self.address}", True, self._diagnose)
 
@@ -223,6 +240,7 @@ class MQTTConnection:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._next_reconnect_delay()
         if was_connected:
             self.disconnects += 1
             if not reason_code.is_failure:

@@ -278,6 +278,16 @@ class BackendConfig(_Section):
     max_drain_time: int = Field(
         60, ge=0, le=3_600, description="Seconds to keep draining the queue on teardown."
     )
+    reconnect_max_seconds: int = Field(
+        60,
+        ge=1,
+        le=3_600,
+        description=(
+            "Longest wait between reconnect attempts; each wait is random up to a window "
+            "that doubles per failure up to this (so that stations behind a broker that "
+            "restarts spread out)."
+        ),
+    )
 
 
 # the reference API's name for the broker settings of the backend section
