@@ -70,7 +70,8 @@ _RELEASES: dict[str, dict[str, str]] = {
         + "    def run(  # noqa: F811\n"
         + "        config: Config, name: str, teardown_indicator: Event\n"
         + "    ) -> None:\n"
-        + "        teardown_indicator.wait()\n"
+        + "        teardown_indicator.wait()\n\n"
+        + "    info = BackendInfo(run=run)\n"
     },
 }
 

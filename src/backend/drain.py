@@ -24,6 +24,8 @@ from .config_receiver import ConfigReceiver
 from .mqtt_connection import MQTTConnection
 from .provider import Provider, pack_rows
 
+# at teardown, how long a backend waits for a broker it is not connected to
+_UNREACHABLE_GRACE_SECONDS = 5.0
 _IDLE_POLL_SECONDS = 0.1  # how soon new rows from the procedures are noticed
 _ROWS_PER_FETCH = 1_000
 _FRUITLESS_DROPS_BEFORE_ISOLATING = 2  # connections lost with no acknowledgement in between
@@ -85,7 +87,7 @@ class Drainer:
         """Drain until the teardown indicator is set and the queue is empty (or
         `max_drain_time` has passed)."""
         self.connection.start()
-        deadline: float | None = None
+        teardown_at: float | None = None
         try:
             while True:
                 self._process_acknowledgements()
@@ -93,13 +95,13 @@ class Drainer:
                 self._process_connection_drops()
                 self._release_held_rows()
                 self._publish_connection_state()
-                if deadline is None and teardown_indicator.is_set():
-                    deadline = time.monotonic() + self.backend.max_drain_time
+                if teardown_at is None and teardown_indicator.is_set():
+                    teardown_at = time.monotonic()
                     self.logger.info(
                         f"draining {self.messaging_agent.get_queue_depth()} queued message(s) "
                         f"for at most {self.backend.max_drain_time} s before stopping"
                     )
-                if deadline is not None and (self._drained() or time.monotonic() >= deadline):
+                if teardown_at is not None and self._done_draining(teardown_at):
                     break
                 published = self._publish_more() if self.connection.is_connected() else False
                 if not published:
@@ -113,6 +115,19 @@ class Drainer:
 
     def _drained(self) -> bool:
         return not self.rows_of_publish and self.messaging_agent.get_queue_depth() == 0
+
+    def _done_draining(self, teardown_at: float) -> bool:
+        """Whether to stop now: everything is sent, `max_drain_time` is over,
+        or no broker has answered for a short grace (draining into a broker
+        that is not there only delays the next backend, say the previous
+        config's after a failed trial; the rows stay queued for it)."""
+        waited = time.monotonic() - teardown_at
+        if self._drained() or waited >= self.backend.max_drain_time:
+            return True
+        if not self.connection.is_connected() and waited >= _UNREACHABLE_GRACE_SECONDS:
+            self.logger.info("not connected to the broker: the rest stays queued")
+            return True
+        return False
 
     def _process_acknowledgements(self) -> None:
         finished: list[int] = []
