@@ -14,7 +14,7 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import drain, enqueue, export, footprint, update
+    from . import drain, enqueue, export, footprint, trust, update
 
     return {
         "enqueue": enqueue.run,
@@ -22,6 +22,7 @@ def registry() -> dict[str, BenchmarkFunction]:
         "backlog": drain.run_backlog,
         "export": export.run,
         "update": update.run,
+        "trust": trust.run,
         "footprint": footprint.run,
     }
 
