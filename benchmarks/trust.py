@@ -85,6 +85,7 @@ def run(quick: bool) -> Iterator[Figure]:
                         target,
                     ],
                     check=True,
+                    capture_output=True,
                 )
             )
 
