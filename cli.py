@@ -21,6 +21,7 @@ from src import constants
 from src import procedures as procedure_modules
 from src.types import Config, ConfigError
 from src.types.config import MIN_MASKED_SECRET_LENGTH, secret_values
+from src.types.status import StationStatus
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
 from src.utils.log_reader import (
@@ -172,15 +173,14 @@ def status(as_json: bool, max_disconnected: float, max_queue_age: float) -> None
     """Show the station at a glance; the exit code says whether it is healthy:
     0 healthy, 1 not running, 3 running but unhealthy (the reasons are listed)."""
     s = collect_status()
-    problems = health_problems(s, max_disconnected, max_queue_age)
-    s["problems"] = problems
+    s.problems = health_problems(s, max_disconnected, max_queue_age)
     if as_json:
-        click.echo(json.dumps(s, indent=2))
+        click.echo(s.model_dump_json(indent=2))
     else:
         _print_status(s)
-    if not s["running"]:
+    if not s.running:
         raise SystemExit(1)
-    if problems:
+    if s.problems:
         raise SystemExit(3)
 
 
@@ -191,75 +191,71 @@ def _paint(text: str, color: str) -> str:
     return click.style(text, fg=color, bold=color == "red")
 
 
-def _print_status(s: dict[str, Any]) -> None:
+def _print_status(s: StationStatus) -> None:
     now = time.time()
-    m = s["mainloop"]
-    if s["running"]:
-        state = _paint("running", "green" if not s["problems"] else "yellow")
+    m = s.mainloop
+    if s.running:
+        state = _paint("running", "green" if not s.problems else "yellow")
         click.echo(
-            f"Ivy {s['version']}: {state} (pid {m['pid']}, up {_age(m['uptime_seconds'])}, "
-            f"heartbeat {_age(m['heartbeat_age_seconds'])} ago)"
+            f"Ivy {s.version}: {state} (pid {m.pid}, up {_age(m.uptime_seconds)}, "
+            f"heartbeat {_age(m.heartbeat_age_seconds)} ago)"
         )
     else:
-        click.echo(f"Ivy {s['version']}: {_paint('not running', 'red')}")
-    c = s["config"]
-    if c["valid"]:
+        click.echo(f"Ivy {s.version}: {_paint('not running', 'red')}")
+    c = s.config
+    if c.valid:
         click.echo(
-            f"config:  revision {c['revision']}, version {c['software_version']}, "
-            f"station {c['system_identifier']}, backend {c['backend'] or 'none (local only)'}"
+            f"config:  revision {c.revision}, version {c.software_version}, "
+            f"station {c.system_identifier}, backend {c.backend or 'none (local only)'}"
         )
     else:
         click.echo(f"config:  {_paint('INVALID', 'red')} (see `ivy config check`)")
-    u = s.get("update")
+    u = s.update
     if u is not None:
         click.echo(
-            f"update:  to {u['version']} (config revision {u['config_revision']}): "
-            f"{u['step']} for {_age(now - u['step_started_at'])}, "
-            f"{_age(now - u['started_at'])} in all"
+            f"update:  to {u.version} (config revision {u.config_revision}): "
+            f"{u.step} for {_age(now - u.step_started_at)}, "
+            f"{_age(now - u.started_at)} in all"
         )
-    b = s["backend_connection"]
+    b = s.backend_connection
     if b is not None:
         acknowledged = (
-            f", last acknowledgment {_age(now - b['last_acknowledgment'])} ago"
-            if b["last_acknowledgment"]
+            f", last acknowledgment {_age(now - b.last_acknowledgment)} ago"
+            if b.last_acknowledgment
             else ""
         )
-        connected = (
-            _paint("connected", "green") if b["connected"] else _paint("NOT CONNECTED", "red")
-        )
-        click.echo(
-            f"broker:  {connected} ({b['detail']}, since {_age(now - b['since'])}){acknowledged}"
-        )
-    q = s["queue"]
+        connected = _paint("connected", "green") if b.connected else _paint("NOT CONNECTED", "red")
+        since = _age(now - b.since) if b.since is not None else "-"
+        click.echo(f"broker:  {connected} ({b.detail}, since {since}){acknowledged}")
+    q = s.queue
     click.echo(
-        f"queue:   {q['depth']} unsent, oldest {_age(q['oldest_age_seconds'])} old, "
-        f"{q['dropped']} dropped by the size cap, {q['poisoned']} poison row(s)"
+        f"queue:   {q.depth} unsent, oldest {_age(q.oldest_age_seconds)} old, "
+        f"{q.dropped} dropped by the size cap, {q.poisoned} poison row(s)"
     )
-    d = s["disk"]
     click.echo(
-        f"disk:    {d['free_gb']:.1f} GB free on the data partition, {d['used_percent']}% used"
+        f"disk:    {s.disk.free_gb:.1f} GB free on the data partition, {s.disk.used_percent}% used"
     )
-    for line in s["trust"]:
+    for line in s.trust:
         warn = line.split(":")[0].isupper() or line.startswith(("no trust", "the trust"))
         click.echo(f"trust:   {_paint(line, 'red') if warn else line}")
-    if s["processes"]:
+    if s.processes:
         click.echo(f"\n  {'PROCESS':<20}{'STATE':<14}{'PID':<9}{'RESTARTS':<10}LAST ERROR")
-        for name, p in s["processes"].items():
+        for name, p in s.processes.items():
             word, color = (
                 ("crash loop", "red")
-                if p["crash_looping"]
-                else (("alive", "green") if p["alive"] else ("dead", "red"))
+                if p.crash_looping
+                else (("alive", "green") if p.alive else ("dead", "red"))
             )
             state = _paint(word, color) + " " * (14 - len(word))
             error = "-"
-            if p["last_error"]:
+            if p.last_error:
                 error = (
-                    f"{p['last_error']} ({_age(now - p['last_error_at'])} ago)"
-                    if p["last_error_at"]
-                    else p["last_error"]
+                    f"{p.last_error} ({_age(now - p.last_error_at)} ago)"
+                    if p.last_error_at
+                    else p.last_error
                 )
-            click.echo(f"  {name:<20}{state}{p['pid'] or '-'!s:<9}{p['restarts']:<10}{error}")
-    for problem in s["problems"]:
+            click.echo(f"  {name:<20}{state}{p.pid or '-'!s:<9}{p.restarts:<10}{error}")
+    for problem in s.problems:
         click.echo(_paint(f"unhealthy: {problem}", "red"))
 
 
@@ -577,55 +573,13 @@ def config_apply(path: str, wait: float) -> None:
     """Apply a config file the way a remote config is applied: the same
     checks, acknowledgements and (for another software version) update. A
     local file needs no signature; a signed envelope is verified all the same."""
-    import hashlib
+    from src.utils.update.local_change import LocalConfigRefused, queue_local_config
 
-    from src.types import ForeignConfig
-    from src.types.state import PendingConfig
-    from src.utils.state_interface import StateInterface
-    from src.utils.update.admission import is_new, parse_json_object, queue_pending_config
-    from src.utils.update.signatures import SignatureError, is_envelope, verify_envelope
-    from src.utils.update.trust import config_signers_path
-
-    content = _read_config_file(path)
-    raw, error = parse_json_object(content, path)
-    if raw is None:
-        _fail(str(error))
-    running = _load_config_or_fail()
-    signed_at: float | None = None
-    signer: str | None = None
-    if is_envelope(raw):
-        try:
-            verified = verify_envelope(
-                raw, config_signers_path(), running.general.system_identifier
-            )
-        except SignatureError as e:
-            _fail(f"{path}: {e}")
-        if verified.document.config is None:
-            _fail(f"{path}: a signed patch is applied by `ivy fleet`, not here")
-        raw = verified.document.config
-        signed_at, signer = verified.document.signed_at, verified.signer
     try:
-        foreign = ForeignConfig.load_from_string(json.dumps(raw))
-    except ConfigError as e:
-        _fail(f"{path}: {e}")
-    pending = PendingConfig(
-        config=foreign,
-        origin="local",
-        digest=hashlib.sha256(content).hexdigest(),
-        signed_at=signed_at,
-        signer=signer,
-    )
-    revision = foreign.general.config_revision
-    state = StateInterface.load()
-    if not is_new(pending, running.general.config_revision, state):
-        if signed_at is not None:
-            _fail(f"{path}: signed before the newest signed config this station handled")
-        _fail(
-            f"general.config_revision: {revision} is not newer than the last handled "
-            f"({state.highest_handled_config_revision}) or the running "
-            f"({running.general.config_revision}) revision, or was rejected already"
-        )
-    queue_pending_config(pending)
+        pending = queue_local_config(path, _load_config_or_fail())
+    except LocalConfigRefused as e:
+        _fail(str(e))
+    revision = pending.config.general.config_revision
     if not mainloop_toggle.is_running():
         click.echo(f"queued config revision {revision}; Ivy applies it when it starts")
         return

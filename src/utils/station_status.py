@@ -5,12 +5,18 @@ queue; and the rules that call a running station unhealthy."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import psutil
 
 from src import constants
 from src.types import Config, ConfigError
+from src.types.status import (
+    ConfigStatus,
+    DiskStatus,
+    MainloopStatus,
+    QueueStatus,
+    StationStatus,
+)
 
 from . import mainloop_toggle
 from .messaging_agent import MessagingAgent
@@ -20,65 +26,61 @@ from .update.trust import TrustError, load_policy, summary
 _RESTART_GRACE = 120.0  # seconds a dead child may wait for its restart (backoff)
 
 
-def collect_status() -> dict[str, Any]:
-    """Everything `ivy status` shows, as JSON data. Called by the CLI."""
+def collect_status() -> StationStatus:
+    """Everything `ivy status` shows (its problems not judged yet, see
+    `health_problems`). Called by the CLI."""
     state = StateInterface.load()
     now = time.time()
     pid = mainloop_toggle.get_mainloop_pid()
+    running = pid is not None
     try:
         config = Config.load()
-        config_status: dict[str, Any] = {
-            "valid": True,
-            "revision": config.general.config_revision,
-            "software_version": config.general.software_version.root,
-            "system_identifier": config.general.system_identifier,
-            "backend": config.backend.provider if config.backend else None,
-        }
+        config_status = ConfigStatus(
+            valid=True,
+            revision=config.general.config_revision,
+            software_version=config.general.software_version.root,
+            system_identifier=config.general.system_identifier,
+            backend=config.backend.provider if config.backend else None,
+        )
     except ConfigError as e:
-        config_status = {"valid": False, "error": str(e)}
+        config_status = ConfigStatus(valid=False, error=str(e))
     agent = MessagingAgent()
     try:
-        queue = {
-            "depth": agent.get_queue_depth(),
-            "oldest_age_seconds": agent.get_oldest_message_age(now),
-            "dropped": agent.get_dropped_count(),
-            "poisoned": agent.get_poisoned_count(),
-        }
+        queue = QueueStatus(
+            depth=agent.get_queue_depth(),
+            oldest_age_seconds=agent.get_oldest_message_age(now),
+            dropped=agent.get_dropped_count(),
+            poisoned=agent.get_poisoned_count(),
+        )
     finally:
         agent.close()
     disk = psutil.disk_usage(constants.DATA_DIR)
-    running = pid is not None
-    return {
-        "running": running,
-        "version": constants.VERSION.root,
-        "mainloop": {
-            "pid": pid,
-            "uptime_seconds": (now - state.mainloop.started_at)
-            if (running and state.mainloop.started_at)
+    mainloop = state.mainloop
+    return StationStatus(
+        running=running,
+        version=constants.VERSION.root,
+        mainloop=MainloopStatus(
+            pid=pid,
+            uptime_seconds=(now - mainloop.started_at)
+            if (running and mainloop.started_at)
             else None,
-            "heartbeat_age_seconds": (now - state.mainloop.last_heartbeat)
-            if (running and state.mainloop.last_heartbeat)
+            heartbeat_age_seconds=(now - mainloop.last_heartbeat)
+            if (running and mainloop.last_heartbeat)
             else None,
-        },
-        "config": config_status,
-        "backend_connection": (
-            state.backend_connection.model_dump()
-            if (running and config_status.get("backend") and state.backend_connection is not None)
-            else None
         ),
-        "queue": queue,
-        "disk": {"free_gb": disk.free / 1e9, "used_percent": disk.percent},
-        "update": (
-            state.update_in_progress.model_dump()
-            if (running and state.update_in_progress is not None)
-            else None
-        ),
-        "trust": trust_lines(),
-        "processes": {
-            name: p.model_dump() | ({} if running else {"alive": False, "pid": None})
-            for name, p in state.processes.items()
+        config=config_status,
+        backend_connection=state.backend_connection
+        if (running and config_status.backend and state.backend_connection is not None)
+        else None,
+        queue=queue,
+        disk=DiskStatus(free_gb=disk.free / 1e9, used_percent=disk.percent),
+        update=state.update_in_progress if running else None,
+        trust=trust_lines(),
+        processes={
+            name: process if running else process.model_copy(update={"alive": False, "pid": None})
+            for name, process in state.processes.items()
         },
-    }
+    )
 
 
 def trust_lines() -> list[str]:
@@ -91,30 +93,30 @@ def trust_lines() -> list[str]:
 
 
 def health_problems(
-    status: dict[str, Any], max_disconnected_seconds: float, max_queue_age_seconds: float
+    status: StationStatus, max_disconnected_seconds: float, max_queue_age_seconds: float
 ) -> list[str]:
     """Why a running station is unhealthy (empty: healthy): a child dead or
     crash-looping, the backend disconnected for longer than allowed, the
     oldest unsent message older than allowed. Called by `ivy status`."""
-    if not status["running"]:
+    if not status.running:
         return []
     problems: list[str] = []
     now = time.time()
-    for name, process in status["processes"].items():
-        if process["crash_looping"]:
-            problems.append(f"{name} is crash-looping ({process['last_error']})")
-        elif not process["alive"] and now - (process["last_error_at"] or 0) > _RESTART_GRACE:
+    for name, process in status.processes.items():
+        if process.crash_looping:
+            problems.append(f"{name} is crash-looping ({process.last_error})")
+        elif not process.alive and now - (process.last_error_at or 0) > _RESTART_GRACE:
             # a child that just died is being restarted: only a stuck one counts
-            problems.append(f"{name} is not alive ({process['last_error'] or 'no error recorded'})")
-    connection = status["backend_connection"]
-    if connection is not None and not connection["connected"]:
-        down_for = now - (connection["since"] or now)
+            problems.append(f"{name} is not alive ({process.last_error or 'no error recorded'})")
+    connection = status.backend_connection
+    if connection is not None and not connection.connected:
+        down_for = now - (connection.since or now)
         if down_for > max_disconnected_seconds:
             problems.append(
-                f"the backend has been disconnected for {down_for:.0f} s ({connection['detail']})"
+                f"the backend has been disconnected for {down_for:.0f} s ({connection.detail})"
             )
-    age = status["queue"]["oldest_age_seconds"]
-    has_backend = bool(status["config"].get("backend"))  # without one, the queue only grows
+    age = status.queue.oldest_age_seconds
+    has_backend = bool(status.config.backend)  # without one, the queue only grows
     if has_backend and age is not None and age > max_queue_age_seconds:
         problems.append(f"the oldest unsent message is {age:.0f} s old")
     return problems
