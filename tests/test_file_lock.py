@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from src import constants
-from src.utils.file_lock import file_lock
+from src.utils.file_lock import file_lock, single_instance_lock
 
 _TRY_LOCK = """
 import sys
@@ -84,4 +84,19 @@ def test_a_forked_child_keeps_it_held_after_the_parent_lets_go(tmp_path: Any) ->
         os.write(writer, b"x")
         os.waitpid(pid, 0)
     with file_lock(path, timeout=1):
+        pass
+
+
+def test_the_single_instance_lock_is_never_reentrant(tmp_path: Any) -> None:
+    """Ivy 1.1's contract for `with_automation_lock`: a second hold in the
+    same process fails at once, as one in another process does."""
+    path = str(tmp_path / "ivy.lock")
+    with single_instance_lock(path):
+        with pytest.raises(TimeoutError):
+            with single_instance_lock(path):
+                pass
+        with pytest.raises(TimeoutError):
+            with file_lock(path, timeout=0):
+                pass
+    with single_instance_lock(path):
         pass

@@ -12,7 +12,7 @@ from typing import Any
 from src import constants
 from src.types import LogLevel
 
-from .file_lock import file_lock
+from .file_lock import single_instance_lock
 
 _DATED_FILE_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})\.")
 
@@ -102,12 +102,13 @@ def log_level_is_visible(min_log_level: LogLevel | None, log_level: LogLevel) ->
 @contextlib.contextmanager
 def with_automation_lock() -> Iterator[None]:
     """Hold the single-instance lock of this installation (`data/ivy.lock`)
-    for the block; raise TimeoutError at once when another instance holds it.
+    for the block; raise TimeoutError at once when it is held, by another
+    instance or by this very process (entering it twice raises, as in Ivy 1.1).
     The main loop's children inherit it, so while any process of Ivy lives the
     lock is taken. Called by run.py (and by tests that must not run beside a
     station)."""
     os.makedirs(os.path.dirname(constants.MAINLOOP_LOCK_PATH), exist_ok=True)
-    with file_lock(constants.MAINLOOP_LOCK_PATH, timeout=0):
+    with single_instance_lock(constants.MAINLOOP_LOCK_PATH):
         yield
 
 

@@ -17,7 +17,7 @@ import psutil
 
 from src import constants
 
-from .file_lock import file_lock
+from .file_lock import single_instance_lock
 from .state_interface import StateInterface
 
 SCRIPT_PATH: str = os.path.join(constants.PROJECT_DIR, "run.py")
@@ -32,7 +32,7 @@ def is_running() -> bool:
     if not os.path.exists(constants.MAINLOOP_LOCK_PATH):
         return False
     try:
-        with file_lock(constants.MAINLOOP_LOCK_PATH, timeout=0):
+        with single_instance_lock(constants.MAINLOOP_LOCK_PATH):
             return False
     except TimeoutError:
         return True
