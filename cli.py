@@ -402,9 +402,12 @@ def config_check(path: str | None) -> None:
 
 
 def _config_warnings(config: Config) -> list[str]:
-    """Broken procedure modules, procedures that have no config section (they
-    do not run), and secrets too short to be masked in log lines."""
+    """A config in Ivy 1.1's format, broken procedure modules, procedures
+    that have no config section (they do not run), and secrets too short to
+    be masked in log lines."""
     problems = list(procedure_modules.PROBLEMS.values())
+    if config.migration_notice:
+        problems.insert(0, config.migration_notice)
     revealed = json.loads(config.to_json(reveal_secrets=True))
     if any(len(v) < MIN_MASKED_SECRET_LENGTH for v in secret_values(revealed)):
         problems.append(
@@ -420,6 +423,27 @@ def _config_warnings(config: Config) -> list[str]:
                 f'(add "{name}": {{...}}, or "{name}": null to say so)'
             )
     return problems
+
+
+@config.command("migrate")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--output", type=click.Path(dir_okay=False), help="Write here (default: PATH).")
+def config_migrate(path: str, output: str | None) -> None:
+    """Rewrite a config in Ivy 1.1's format in this version's format (the
+    original is kept as PATH.ivy-1.1); one line says what changed."""
+    import shutil
+
+    try:
+        config = Config.load(path)
+    except ConfigError as e:
+        _fail(str(e))
+    if not config.migration_notice:
+        click.echo(f"{path} is in this version's format already; left unchanged")
+        return
+    if output is None:
+        shutil.copy2(path, path + ".ivy-1.1")
+    config.dump(output or path)
+    click.echo(f"wrote {output or path}: {config.migration_notice.split('; `ivy config')[0]}")
 
 
 @config.command("show")

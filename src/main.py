@@ -114,6 +114,8 @@ class Mainloop:
         )
         for name in remove_stale_staging():
             self.logger.info(f"removed {name}, left by an update that was interrupted")
+        if self.config.migration_notice:
+            self.logger.warning(f"config/config.json is {self.config.migration_notice}")
         self._announce_trust()
         self.updater.at_start()
         self._acknowledge_startup()

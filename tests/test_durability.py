@@ -81,7 +81,9 @@ def test_every_returned_add_survives_kill_9(data_dir: str) -> None:
     agent.flush_archive()
     archived: set[str] = set()
     for name in os.listdir(paths[1]):
-        archived |= {m.identifier for m in MessagingAgent.load_message_archive(name[:10], *paths)}
+        archived |= {
+            m.message_identifier for m in MessagingAgent.load_message_archive(name[:10], *paths)
+        }
     missing_from_archive = [i for i in accepted if i not in archived]
     print(f"accepted {len(accepted)}, queued {len(queued)}, archived {len(archived)}")
     assert len(accepted) >= 300

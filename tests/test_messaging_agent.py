@@ -86,13 +86,15 @@ def test_archive_holds_every_message_before_and_after_flush() -> None:
     ids = agent.add_messages([data(i) for i in range(3)], timestamp=now)
     ids.append(agent.add_message(LogMessageBody(level="INFO", subject="s", body="b"), now))
     today = utc_date_string(now)
-    assert [m.identifier for m in agent.load_message_archive(today)] == ids  # from the outbox
+    assert [
+        m.message_identifier for m in agent.load_message_archive(today)
+    ] == ids  # from the outbox
     assert agent.flush_archive() == 4
     assert agent.flush_archive() == 0
     assert os.path.isfile(os.path.join(constants.MESSAGE_ARCHIVE_DIR, f"{today}.jsonl"))
     agent.remove_messages([r.id for r in agent.get_oldest_rows(10)])  # sent: archive stays
     archived = agent.load_message_archive(datetime.date.fromisoformat(today))
-    assert [m.identifier for m in archived] == ids
+    assert [m.message_identifier for m in archived] == ids
     assert archived[0].body == data(0)
     assert archived[0].timestamp == now
 

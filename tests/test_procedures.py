@@ -132,7 +132,7 @@ def test_a_wrong_state_write_fails_in_the_procedure_and_the_state_stays_intact(
 
 def test_broken_procedure_modules_are_reported_and_the_rest_runs(station: Station) -> None:
     add_procedure(station, "syntax_error", "def run(config, name:\n")
-    add_procedure(station, "no_info", "def run(config, name):\n    pass\n")
+    add_procedure(station, "no_info", "VALUE = 1\n")  # neither info nor run
     add_procedure(
         station,
         "wrong_signature",

@@ -1,6 +1,8 @@
 """Measurement procedures, discovered: every module in this package that
 exposes `info = ProcedureInfo(...)` is a procedure named after the module, with
 a config section of the same name. Adding a procedure is adding one module.
+A module written for Ivy 1.1, with a `run(config, name)` and no `info`, runs
+too; its section is taken as it is (`UnvalidatedSection`).
 
 A module that cannot be imported, has no `info`, or whose `run` does not take
 (config, name) is not run; the problem is kept in `PROBLEMS` for `ivy config
@@ -15,7 +17,7 @@ import inspect
 import pkgutil
 
 from src.types import register_procedure_sections
-from src.types.procedure import ProcedureInfo
+from src.types.procedure import ProcedureInfo, UnvalidatedSection
 from src.types.state import register_procedure_states
 
 
@@ -33,6 +35,8 @@ def _discover() -> tuple[dict[str, ProcedureInfo], dict[str, str]]:
             problems[name] = f"{where} cannot be imported: {type(e).__name__}: {e}"
             continue
         info = getattr(module, "info", None)
+        if info is None and callable(getattr(module, "run", None)):
+            info = ProcedureInfo(run=module.run, config_model=UnvalidatedSection)
         if not isinstance(info, ProcedureInfo):
             problems[name] = f"{where} has no `info = ProcedureInfo(run=..., config_model=...)`"
             continue

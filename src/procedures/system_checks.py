@@ -55,6 +55,7 @@ def read_system_state() -> SystemState:
         last_updated=time.time(),
         last_boot_time=psutil.boot_time(),
         load_averages=(load_1, load_5, load_15),
+        last_5_min_load=round(100 * load_5 / (psutil.cpu_count() or 1), 1),
         cpu_usage_percent=psutil.cpu_percent(interval=1.0),
         memory_usage_percent=psutil.virtual_memory().percent,
         disk_free_gb=round(disk.free / 1e9, 3),

@@ -22,6 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from src import constants
 
 from .atomic_file import write_atomically
+from .legacy_config import is_ivy_1_1_config, translate_ivy_1_1
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "EXCEPTION"]
 
@@ -343,6 +344,7 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     # each with its procedure's model and refuses any other key
     model_config = pydantic.ConfigDict(strict=True, extra="allow")
 
+    _migration_notice: str | None = pydantic.PrivateAttr(default=None)
     general: GeneralConfig
     logging_verbosity: LoggingVerbosityConfig = Field(default_factory=LoggingVerbosityConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -414,11 +416,29 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     @staticmethod
     def load_from_string(c: str, source: str = "config") -> Config:
         """Parse and validate a JSON config; raise `ConfigError` naming every bad
-        field. Called by the main loop, the CLI and the updater."""
+        field. A config in Ivy 1.1's format is read as this version's
+        (`migration_notice` then says how). Called by the main loop, the CLI
+        and the updater."""
+        notice: str | None = None
         try:
-            return Config.model_validate_json(c)
+            raw = json.loads(c)
+        except ValueError:
+            raw = None  # pydantic names what is wrong with it below
+        if is_ivy_1_1_config(raw):
+            translation = translate_ivy_1_1(raw)
+            c, notice = json.dumps(translation.config), translation.notice
+        try:
+            config = Config.model_validate_json(c)
         except pydantic.ValidationError as e:
-            raise ConfigError(format_validation_error(e, source)) from None
+            message = format_validation_error(e, source)
+            raise ConfigError(f"{message}\n  ({notice})" if notice else message) from None
+        config._migration_notice = notice
+        return config
+
+    @property
+    def migration_notice(self) -> str | None:
+        """How a config in Ivy 1.1's format was read (None: it was not)."""
+        return self._migration_notice
 
     @staticmethod
     def load(path: str | None = None) -> Config:

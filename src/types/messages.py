@@ -64,14 +64,32 @@ class ConfigMessageBody(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     variant: Literal["config"] = "config"
     status: ConfigStatus
-    config_revision: Revision | None
-    software_version: str | None = Field(..., max_length=64)
+    config_revision: Revision | None = None
+    software_version: str | None = Field(None, max_length=64)
     reason: str | None = None
     step: str | None = Field(None, max_length=32)
     step_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
     software_update: SoftwareUpdateState | None = None
     digest: str | None = Field(None, max_length=64)
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _from_a_config_object(cls, data: Any) -> Any:
+        """Ivy 1.1 answers with `ConfigMessageBody(status=...,
+        config=config.to_foreign_config())`: a config object's revision and
+        version become the answer's, and its secrets are redacted."""
+        if not isinstance(data, dict) or not isinstance(data.get("config"), pydantic.BaseModel):
+            return data
+        config = data["config"]
+        raw = config.to_dict() if hasattr(config, "to_dict") else config.model_dump(mode="json")
+        version = general_field_of(raw, "software_version")
+        return {
+            "config_revision": revision_of(raw),
+            "software_version": version if isinstance(version, str) else None,
+            **data,
+            "config": redact_secrets(raw) if data.get("status") != "rejected" else {},
+        }
 
     @classmethod
     def about(
@@ -111,17 +129,34 @@ MessageBody = Annotated[
 
 
 class MessageArchiveItem(pydantic.BaseModel):
-    """One line of `messages/YYYY-MM-DD.jsonl`. `identifier` is stable across
-    redeliveries so that receivers can drop duplicates; `timestamp` is the unix
-    time at which the procedure produced the message."""
+    """One line of `messages/YYYY-MM-DD.jsonl`. `message_identifier` (the
+    line's `identifier`) is `<per-station prefix>-<row id>`, stable across
+    redeliveries, so that receivers can drop duplicates; `timestamp` is the
+    unix time at which the procedure produced the message; `message_body` is
+    Ivy 1.1's name for `body`."""
 
-    identifier: str
+    model_config = pydantic.ConfigDict(populate_by_name=True)
+    message_identifier: str = Field(
+        validation_alias=pydantic.AliasChoices("message_identifier", "identifier"),
+        serialization_alias="identifier",
+    )
     timestamp: float
     config_revision: int
     body: MessageBody
 
+    @property
+    def message_body(self) -> DataMessageBody | LogMessageBody | ConfigMessageBody:
+        """The body, by Ivy 1.1's name."""
+        return self.body
+
 
 class MessageQueueItem(MessageArchiveItem):
-    """A queued message; `id` is its row in the queue, in FIFO order."""
+    """A queued message; `identifier` is its row in the queue (an integer, in
+    FIFO order), what `remove_messages` and `excluded_message_ids` take."""
 
-    id: int
+    identifier: int
+
+    @property
+    def id(self) -> int:
+        """The row id, by the name this project used before Ivy 1.1's."""
+        return self.identifier

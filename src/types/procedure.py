@@ -23,3 +23,12 @@ class ProcedureInfo:
     run: Callable[[Config, str], None]
     config_model: type[pydantic.BaseModel]
     state_model: type[pydantic.BaseModel] | None = None
+
+
+class UnvalidatedSection(pydantic.BaseModel):
+    """The config section of a procedure module that declares no model (one
+    written for Ivy 1.1, with `run(config, name)` only): any keys, read as
+    attributes (`config.my_procedure.seconds_between_datapoints`), checked by
+    nobody but the procedure."""
+
+    model_config = pydantic.ConfigDict(extra="allow")

@@ -75,6 +75,8 @@ class SystemState(_StateModel):
     last_updated: UnixTime | None = None
     last_boot_time: UnixTime | None = None
     load_averages: tuple[float, float, float] | None = None
+    # Ivy 1.1's name: the 5-minute load average per CPU, in percent
+    last_5_min_load: float | None = None
     cpu_usage_percent: float | None = None
     memory_usage_percent: float | None = None
     disk_free_gb: float | None = None

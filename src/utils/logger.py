@@ -22,6 +22,9 @@ from src.types.config import mask_secrets, secret_values
 from .functions import current_log_file_path, log_level_is_visible
 from .messaging_agent import MessagingAgent
 
+# Ivy 1.1's module variable: where the daily log files are (`<data>/logs`)
+LOGS_ARCHIVE_DIR: str = constants.LOGS_DIR
+
 
 class Logger:
     """A logger for one origin (a procedure's name, "main", "backend", ...)."""

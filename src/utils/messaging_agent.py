@@ -342,8 +342,8 @@ class MessagingAgent:
         calls them "latest") not excluded, as validated `MessageQueueItem`s."""
         return [
             MessageQueueItem(
-                id=row.id,
-                identifier=self.identifier_of(row.id),
+                identifier=row.id,
+                message_identifier=self.identifier_of(row.id),
                 timestamp=row.timestamp,
                 config_revision=row.config_revision,
                 body=json.loads(row.body),
@@ -533,7 +533,7 @@ class MessagingAgent:
                 item = MessageArchiveItem.model_validate_json(line)
             except pydantic.ValidationError:
                 continue
-            if item.identifier not in seen:
-                seen.add(item.identifier)
+            if item.message_identifier not in seen:
+                seen.add(item.message_identifier)
                 items.append(item)
         return items

@@ -88,6 +88,8 @@ def apply_on_trial(pending: PendingConfig, running: Config, answers: Answers) ->
     except ConfigError as e:
         answers.reject(pending, str(e))
         return None
+    if new_config.migration_notice:
+        answers.logger.info(f"config revision {revision}: {new_config.migration_notice}")
     # the running config stays at hand until the new one has proven itself
     running.dump(previous_config_path())
     with edit_journal() as journal:

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from src.types.atomic_file import write_atomically
 from src.types.config import format_validation_error
+from src.types.legacy_config import is_ivy_1_1_config, translate_ivy_1_1
 
 from .paths import trust_directory
 
@@ -260,7 +261,12 @@ def remote_config_problem(
     the field and the value (None: nothing). `running` and `received` are raw
     configs; the rules: backends only on allowed broker hosts, TLS (and its
     hostname check) kept unless `allow_tls_off`, and an `updater` section, if
-    any, naming the pinned release source."""
+    any, naming the pinned release source. Configs in Ivy 1.1's format are
+    judged as they will be read."""
+    if is_ivy_1_1_config(received):
+        received = translate_ivy_1_1(received).config
+    if is_ivy_1_1_config(running):
+        running = translate_ivy_1_1(running).config
     hosts = set(policy.broker_hosts)
     running_tls = {where: _tls_strength(s) for where, s in _backends_of(running)}
     for where, section in _backends_of(received):
