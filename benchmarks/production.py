@@ -141,10 +141,9 @@ class Releases:
         return buffer.getvalue()
 
 
-def make_releases(repository: str) -> Releases:
-    """The repository of `Releases` at `repository` (a new directory)."""
-    if not os.access(os.path.join(TOOLS, "bin", "uv"), os.X_OK):
-        raise RuntimeError(f"{TOOLS} lacks uv: run `bash .ci/setup dev`")
+def copy_checkout(destination: str) -> None:
+    """Copy this checkout's files (tracked and new, as git sees them; not the
+    station's own config) into `destination`."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=PROJECT_DIR,
@@ -153,13 +152,17 @@ def make_releases(repository: str) -> Releases:
         check=True,
     ).stdout.split("\n")
     for name in files:
-        if (
-            name
-            and name != "config/config.json"
-            and os.path.isfile(os.path.join(PROJECT_DIR, name))
-        ):
-            os.makedirs(os.path.dirname(os.path.join(repository, name)), exist_ok=True)
-            shutil.copy2(os.path.join(PROJECT_DIR, name), os.path.join(repository, name))
+        source = os.path.join(PROJECT_DIR, name)
+        if name and name != "config/config.json" and os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(destination, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, name))
+
+
+def make_releases(repository: str) -> Releases:
+    """The repository of `Releases` at `repository` (a new directory)."""
+    if not os.access(os.path.join(TOOLS, "bin", "uv"), os.X_OK):
+        raise RuntimeError(f"{TOOLS} lacks uv: run `bash .ci/setup dev`")
+    copy_checkout(repository)
     keys = repository.rstrip("/") + "-keys"
     release_key, config_key = make_signer(keys, "release-manager"), make_signer(keys, "operator")
     git("init", "--quiet", cwd=repository)
@@ -184,9 +187,9 @@ def make_releases(repository: str) -> Releases:
     return Releases(repository, release_key, config_key)
 
 
-def sign_tag(repository: str, tag: str, signer: Signer) -> None:
-    """An annotated tag signed with an OpenSSH key, as `git tag -s` with
-    `gpg.format ssh` makes it."""
+def sign_tag(repository: str, tag: str, signer: Signer, target: str = "HEAD") -> None:
+    """An annotated tag of `target` signed with an OpenSSH key, as `git tag -s`
+    with `gpg.format ssh` makes it (replacing a tag of that name)."""
     git(
         "-c",
         "gpg.format=ssh",
@@ -194,9 +197,11 @@ def sign_tag(repository: str, tag: str, signer: Signer) -> None:
         f"user.signingkey={signer.private}",
         "tag",
         "-s",
+        "-f",
         "-m",
         tag,
         tag,
+        target,
         cwd=repository,
     )
 
@@ -275,35 +280,51 @@ def station_config(releases: Releases, version: str, revision: int) -> dict[str,
     return config
 
 
+def setup_environment(package_cache: str) -> dict[str, str]:
+    """The environment of `ivy setup` and of the station it makes: no IVY_
+    variables of the caller's, PDM and uv from the dev checkout, uv's cache at
+    `package_cache`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IVY_")}
+    env.update({"IVY_TOOLS_DIR": TOOLS, "UV_CACHE_DIR": package_cache, "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def setup_command(
+    cli_py: str, root: str, repository: str, version: str, config_path: str, *options: str
+) -> list[str]:
+    """`ivy setup` of `version` from the git repository, with `options`."""
+    return [
+        sys.executable,
+        cli_py,
+        "setup",
+        "--root",
+        root,
+        "--source",
+        "git",
+        "--repository",
+        repository,
+        "--version",
+        version,
+        "--config",
+        config_path,
+        *options,
+    ]
+
+
 def set_up_station(
     root: str, releases: Releases, package_cache: str, **changes: Any
 ) -> ProductionStation:
     """`ivy setup` of version BASE into `root` with `station_config` (plus
     `changes`), PDM and uv from the dev checkout, uv's cache at `package_cache`."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IVY_")}
-    env.update(
-        {
-            "IVY_TOOLS_DIR": TOOLS,
-            "UV_CACHE_DIR": package_cache,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    env = setup_environment(package_cache)
     station = ProductionStation(root, env, releases)
     config_path = station.config_file("first-config.json", BASE, 0, **changes)
     result = subprocess.run(
-        [
-            sys.executable,
+        setup_command(
             os.path.join(PROJECT_DIR, "cli.py"),
-            "setup",
-            "--root",
             root,
-            "--source",
-            "git",
-            "--repository",
             releases.repository,
-            "--version",
             BASE,
-            "--config",
             config_path,
             "--config-signers",
             releases.config_key.public,
@@ -311,7 +332,7 @@ def set_up_station(
             releases.release_key.public,
             "--broker-hosts",
             "127.0.0.1,localhost",
-        ],
+        ),
         env=env,
         capture_output=True,
         text=True,

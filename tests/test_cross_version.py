@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from typing import Any
 
@@ -19,7 +18,15 @@ import psutil
 import pytest
 from tum_esm_utils.files import load_toml_file
 
-from benchmarks.production import PROJECT_DIR, TOOLS, git, set_version, sign_tag
+from benchmarks.production import (
+    PROJECT_DIR,
+    copy_checkout,
+    git,
+    set_version,
+    setup_command,
+    setup_environment,
+    sign_tag,
+)
 from benchmarks.signing import make_signer
 from tests.conftest import wait_until
 
@@ -46,18 +53,7 @@ def releases_of_old_and_new(directory: str) -> str:
         if name != ".git":
             path = os.path.join(repository, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    for name in files:
-        source = os.path.join(PROJECT_DIR, name)
-        if name and name != "config/config.json" and os.path.isfile(source):
-            os.makedirs(os.path.dirname(os.path.join(repository, name)), exist_ok=True)
-            shutil.copy2(source, os.path.join(repository, name))
+    copy_checkout(repository)
     current = load_toml_file(os.path.join(repository, "pyproject.toml"))["project"]["version"]
     set_version(repository, current, NEW)
     git("add", "-A", cwd=repository)
@@ -82,8 +78,7 @@ def test_the_release_before_the_trust_policy_updates_to_this_one_and_back(
 ) -> None:
     repository = releases_of_old_and_new(str(tmp_path))
     root = str(tmp_path / "root")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IVY_")}
-    env.update({"IVY_TOOLS_DIR": TOOLS, "UV_CACHE_DIR": package_cache, "PYTHONUNBUFFERED": "1"})
+    env = setup_environment(package_cache)
     first = tmp_path / "first.json"
     first.write_text(json.dumps(config_for(repository, OLD, 0)))
     old_cli = os.path.join(str(tmp_path), "old-checkout")
@@ -91,21 +86,7 @@ def test_the_release_before_the_trust_policy_updates_to_this_one_and_back(
         ["git", "clone", "--quiet", "--branch", f"v{OLD}", repository, old_cli], check=True
     )
     set_up = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(old_cli, "cli.py"),
-            "setup",
-            "--root",
-            root,
-            "--source",
-            "git",
-            "--repository",
-            repository,
-            "--version",
-            OLD,
-            "--config",
-            str(first),
-        ],
+        setup_command(os.path.join(old_cli, "cli.py"), root, repository, OLD, str(first)),
         env=env,
         capture_output=True,
         text=True,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.production import git
-from benchmarks.signing import Signer, make_signer, trust_station
+from benchmarks.production import git, sign_tag
+from benchmarks.signing import make_signer, trust_station
 from src import constants
 from src.utils.update.source import (
     RELEASE_RECORD,
@@ -59,23 +59,6 @@ def commit_tree(repository: str, version: str, files: dict[str, str]) -> None:
     git("commit", "--quiet", "--allow-empty", "-m", version, cwd=repository)
 
 
-def signed_tag(repository: str, tag: str, signer: Signer, target: str = "HEAD") -> None:
-    git(
-        "-c",
-        "gpg.format=ssh",
-        "-c",
-        f"user.signingkey={signer.private}",
-        "tag",
-        "-s",
-        "-f",
-        "-m",
-        tag,
-        tag,
-        target,
-        cwd=repository,
-    )
-
-
 class Releases:
     """A repository with good and hostile releases, and the root to install into."""
 
@@ -90,11 +73,11 @@ class Releases:
         git("init", "--quiet", cwd=self.repository)
         good = {"pyproject.toml": '[project]\nname = "ivy"\nversion = "{version}"\n'}
         commit_tree(self.repository, "1.0.0", good)
-        signed_tag(self.repository, "v1.0.0", self.release_key)
+        sign_tag(self.repository, "v1.0.0", self.release_key)
         self.good_commit = self.rev("HEAD")
         evil = hostile_files(self.marker)
         commit_tree(self.repository, "1.1.0", evil)
-        signed_tag(self.repository, "v1.1.0", self.stranger)  # unknown key
+        sign_tag(self.repository, "v1.1.0", self.stranger)  # unknown key
         commit_tree(self.repository, "1.2.0", evil)
         git("tag", "v1.2.0", cwd=self.repository)  # lightweight
         commit_tree(self.repository, "1.3.0", evil)

@@ -29,6 +29,7 @@ from benchmarks.production import (
     Releases,
     git,
     set_version,
+    sign_tag,
     station_config,
 )
 from benchmarks.signing import make_signer
@@ -55,18 +56,7 @@ def attacker_release(tmp_path: Any, releases: Releases, marker: str) -> str:
     git("add", "-A", cwd=repository)
     git("commit", "--quiet", "-m", "helpful update", cwd=repository)
     attacker = make_signer(str(tmp_path / "attacker-keys"), "attacker")
-    git(
-        "-c",
-        "gpg.format=ssh",
-        "-c",
-        f"user.signingkey={attacker.private}",
-        "tag",
-        "-s",
-        "-m",
-        "v" + ATTACK_VERSION,
-        "v" + ATTACK_VERSION,
-        cwd=repository,
-    )
+    sign_tag(repository, f"v{ATTACK_VERSION}", attacker)
     return repository
 
 

@@ -7,8 +7,9 @@ updater."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .lazy_exports import lazy_attribute
 
 if TYPE_CHECKING:
     from .lifecycle_manager import LifecycleManager
@@ -38,12 +39,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is not None:
-        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    try:
-        return importlib.import_module(f"{__name__}.{name}")  # a module: src.utils.functions
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return lazy_attribute(__name__, _EXPORTS, name)

@@ -17,8 +17,9 @@ imported on first use (PEP 562), so that a process loads only what it needs."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from ..lazy_exports import lazy_attribute
 
 if TYPE_CHECKING:
     from .coordinator import HandOver, RestartWith, UpdateCoordinator
@@ -68,7 +69,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return lazy_attribute(__name__, _EXPORTS, name)
