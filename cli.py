@@ -20,8 +20,8 @@ import click
 from src import constants
 from src import procedures as procedure_modules
 from src.types import Config, ConfigError
-from src.types.config import MIN_MASKED_SECRET_LENGTH, secret_values
-from src.types.status import StationStatus
+from src.types.config import LEGACY_DESTINATION, MIN_MASKED_SECRET_LENGTH, secret_values
+from src.types.status import DestinationStatus, StationStatus
 from src.utils import mainloop_toggle
 from src.utils.lifecycle_manager import backend_teardown_seconds
 from src.utils.log_reader import (
@@ -191,6 +191,26 @@ def _paint(text: str, color: str) -> str:
     return click.style(text, fg=color, bold=color == "red")
 
 
+def _print_destination(name: str, destination: DestinationStatus, now: float) -> None:
+    """The broker line of one destination, and what it has still to get."""
+    label = "broker:  " if name == LEGACY_DESTINATION else f"{name} ({destination.provider}): "
+    b = destination.connection
+    if b is not None:
+        acknowledged = (
+            f", last acknowledgment {_age(now - b.last_acknowledgment)} ago"
+            if b.last_acknowledgment
+            else ""
+        )
+        connected = _paint("connected", "green") if b.connected else _paint("NOT CONNECTED", "red")
+        since = _age(now - b.since) if b.since is not None else "-"
+        click.echo(f"{label}{connected} ({b.detail}, since {since}){acknowledged}")
+    if name != LEGACY_DESTINATION or destination.dropped:
+        click.echo(
+            f"{' ' * 9}{destination.backlog} to send, oldest "
+            f"{_age(destination.oldest_age_seconds)} old, {destination.dropped} dropped for it"
+        )
+
+
 def _print_status(s: StationStatus) -> None:
     now = time.time()
     m = s.mainloop
@@ -217,16 +237,8 @@ def _print_status(s: StationStatus) -> None:
             f"{u.step} for {_age(now - u.step_started_at)}, "
             f"{_age(now - u.started_at)} in all"
         )
-    b = s.backend_connection
-    if b is not None:
-        acknowledged = (
-            f", last acknowledgment {_age(now - b.last_acknowledgment)} ago"
-            if b.last_acknowledgment
-            else ""
-        )
-        connected = _paint("connected", "green") if b.connected else _paint("NOT CONNECTED", "red")
-        since = _age(now - b.since) if b.since is not None else "-"
-        click.echo(f"broker:  {connected} ({b.detail}, since {since}){acknowledged}")
+    for name, destination in s.destinations.items():
+        _print_destination(name, destination, now)
     q = s.queue
     click.echo(
         f"queue:   {q.depth} unsent, oldest {_age(q.oldest_age_seconds)} old, "
@@ -361,6 +373,12 @@ def queue(rows: int) -> None:
             f"{agent.get_queue_depth()} message(s) unsent, {agent.get_dropped_count()} dropped "
             f"by the size cap, {agent.get_poisoned_count()} poison row(s)"
         )
+        for name in agent.destinations:
+            click.echo(
+                f"  {name}: {agent.get_queue_depth(name)} to send, oldest "
+                f"{_age(agent.get_oldest_message_age(now, name))} old, "
+                f"{agent.get_dropped_count(destination=name)} dropped for it"
+            )
         for row in agent.get_oldest_rows(rows):
             click.echo(
                 f"  {agent.identifier_of(row.id)}  {row.variant:<7}"

@@ -15,6 +15,7 @@ from types import FrameType
 
 from src import backend, constants, procedures
 from src.types import Config, ConfigMessageBody
+from src.types.config import destination_process_name
 from src.utils.functions import capped_exponential_delay, delete_expired_dated_files
 from src.utils.lifecycle_manager import LifecycleManager, teardown_in_parallel
 from src.utils.logger import Logger
@@ -47,6 +48,7 @@ class Mainloop:
         self.last_run: dict[str, float] = {}
         self.reported_dropped = self.messaging_agent.get_dropped_count()
         self.published_status: str | None = None
+        self.destinations_pending_release = False
         # the version to hand over to once torn down (run.py starts it)
         self.handover_to: str | None = None
 
@@ -72,18 +74,35 @@ class Mainloop:
                 self.logger.error(
                     f"procedure {name} does not run", details=procedures.PROBLEMS.get(name)
                 )
-        if self.config.backend is not None:
+        for destination, section in self.config.destinations().items():
             self.managers.append(
                 LifecycleManager(
                     self.config,
-                    backend.BACKENDS[self.config.backend.provider],
-                    "backend",
+                    backend.BACKENDS[section.provider],
+                    destination_process_name(destination),
                     "backend",
                     self.logger,
                 )
             )
         for manager in self.managers:
             manager.start_procedure()
+
+    def sync_destinations(self) -> None:
+        """Register the config's destinations in the queue (each keeps its own
+        rows, cap and counters). A destination no longer configured is
+        released, its rows no longer kept for it, only once the config that
+        dropped it is accepted: a config rolled back brings it back with its
+        rows. Called before the children start, and when a trial ends."""
+        storage_cap = self.config.storage.max_queued_messages
+        on_trial = self.updater.on_trial()
+        self.messaging_agent.sync_destinations(
+            {
+                name: (frozenset(section.variants), section.max_queued_messages or storage_cap)
+                for name, section in self.config.destinations().items()
+            },
+            release_others=not on_trial,
+        )
+        self.destinations_pending_release = on_trial
 
     def stop_children(self) -> None:
         """Procedures first, then backends, each group in parallel."""
@@ -119,6 +138,7 @@ class Mainloop:
         self._announce_trust()
         self.updater.at_start()
         self._acknowledge_startup()
+        self.sync_destinations()
         self.start_children()
         notify("READY=1")
         with StateInterface.update() as state:
@@ -157,6 +177,8 @@ class Mainloop:
         for manager in self.managers:
             manager.supervise()
         self._carry_out(self.updater.next_action())
+        if self.destinations_pending_release and not self.updater.on_trial():
+            self.sync_destinations()
         now = time.monotonic()  # intervals must not stretch when the wall clock is stepped
         if self._due("archive", _ARCHIVE_FLUSH_INTERVAL, now):
             self.messaging_agent.flush_archive()
@@ -204,6 +226,7 @@ class Mainloop:
         if isinstance(action, RestartWith):
             self.stop_children()
             self.reconfigure(action.config)
+            self.sync_destinations()
             self.updater.children_stopped()
             self.start_children()
         elif isinstance(action, HandOver):

@@ -183,22 +183,21 @@ def test_thingsboard_delivers_telemetry_arrays(
     start_backend(processes, data_dir, config)
     assert wait_for_items(subscriber, "v1/", 502, timeout=60)
     items = subscriber.items("v1/devices/me/telemetry")
-    assert [i["values"]["message_identifier"] for i in items] == [*ids, log_id, ack_id]
+    # the log and the config answer go before the data backlog
+    assert [i["values"]["message_identifier"] for i in items] == [log_id, ack_id, *ids]
+    log_item, ack_item, items = items[0], items[1], items[2:]
     assert items[0] == {
         "ts": 1_700_000_000_500,
         "values": {"co2": 0.0, "s": "ok", "message_identifier": ids[0]},
     }
-    assert items[500]["values"] == {
+    assert log_item["values"] == {
         "log_level": "ERROR",
         "log_subject": "s",
         "log_body": "b",
         "message_identifier": log_id,
     }
-    assert items[501]["values"]["config_status"] == "rejected"
-    assert (
-        items[501]["values"]["config_revision"] == 7
-        and items[501]["values"]["config_reason"] == "r"
-    )
+    assert ack_item["values"]["config_status"] == "rejected"
+    assert ack_item["values"]["config_revision"] == 7 and ack_item["values"]["config_reason"] == "r"
     assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=30)
     subscriber.close()
 

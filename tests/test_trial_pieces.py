@@ -38,9 +38,11 @@ def healthy_state(stamp: float) -> State:
     return state
 
 
-def watch_that_saw_it_run(before: State, after: State, needs_broker: bool = True) -> HealthWatch:
+def watch_that_saw_it_run(
+    before: State, after: State, destinations: tuple[str, ...] = ("backend",)
+) -> HealthWatch:
     """A judge that has seen `after` first at monotonic 0 (31 s before the checks below)."""
-    watch = HealthWatch(before, 30, needs_broker)
+    watch = HealthWatch(before, 30, destinations)
     watch.problem(after, now=0.0)
     return watch
 
@@ -72,7 +74,7 @@ def test_the_health_definition_names_what_is_missing() -> None:
     without_broker = healthy_state(now)
     without_broker.backend_connection = None
     del without_broker.processes["backend"]
-    watch = watch_that_saw_it_run(before, without_broker, needs_broker=False)
+    watch = watch_that_saw_it_run(before, without_broker, destinations=())
     assert watch.problem(without_broker, 31) is None
 
 
@@ -82,7 +84,7 @@ def test_run_time_and_heartbeat_age_are_judged_on_the_monotonic_clock() -> None:
     board without a real-time clock) leaves a healthy station healthy."""
     now = time.time()
     stepped_back = healthy_state(now - 3600)
-    watch = HealthWatch(healthy_state(now), 30, needs_broker=True)
+    watch = HealthWatch(healthy_state(now), 30, ["backend"])
     problem = watch.problem(stepped_back, now=100.0)
     assert problem is not None and "has not run for 30 s yet" in problem
     assert watch.problem(stepped_back, now=131.0) is None

@@ -10,6 +10,7 @@ import sys
 from src import procedures  # noqa: F401 - registers the procedures' config sections
 from src.backend import BACKENDS
 from src.types import Config, ConfigError
+from src.types.config import destination_process_name
 
 
 def main() -> int:
@@ -22,12 +23,14 @@ def main() -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
-    if config.backend is None:
-        print(f"{sys.argv[1]}: backend is null; nothing to run", file=sys.stderr)
+    destinations = config.destinations()
+    if not destinations:
+        print(f"{sys.argv[1]}: no backend (backend is null, backends empty)", file=sys.stderr)
         return 1
+    name, section = next(iter(destinations.items()))  # the first; one process, one destination
     teardown_indicator = multiprocessing.Event()
     signal.signal(signal.SIGTERM, lambda *_: teardown_indicator.set())
-    BACKENDS[config.backend.provider](config, "backend", teardown_indicator)
+    BACKENDS[section.provider](config, destination_process_name(name), teardown_indicator)
     return 0
 
 

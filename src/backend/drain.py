@@ -1,19 +1,28 @@
-"""The backend process: drain the queue to the broker and receive configs.
+"""The backend process of one destination: drain the queue to its broker and
+receive configs.
 
-Loop: take acknowledged publishes and delete their rows; queue received
-configs; fetch the oldest rows not yet in flight and publish them in batched
-payloads (QoS 1), keeping at most `max_parallel_messages` publishes awaiting
-their PUBACK. Rows are deleted only once every publish that carries them is
-acknowledged. On teardown: keep draining until the queue is empty or
-`max_drain_time` has passed, then disconnect cleanly.
+Loop: release the rows of acknowledged publishes for this destination (a row
+leaves the queue once no destination keeps it); queue received configs; fetch
+the oldest rows this destination has not got, its logs and config answers
+before its data backlog, and publish them in batched payloads (QoS 1), at most
+`max_parallel_messages` publishes awaiting their PUBACK and within its rate
+limits. A row is released only once every publish that carries it is
+acknowledged. When its cap dropped data for it, the destination gets a gap
+record once its broker acknowledges again. With failover addresses, the
+backend moves to the next address when one does not answer, and back to the
+primary once it answers again; what was in flight is sent again (at least
+once). On teardown: keep draining until nothing is left for this destination
+or `max_drain_time` has passed, then disconnect cleanly.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from multiprocessing.synchronize import Event
 
-from src.types import Config
+from src.types import Config, LogMessageBody
+from src.types.config import LEGACY_DESTINATION, BackendConfig, destination_of_process
 from src.types.state import BackendConnectionState
 from src.utils.functions import capped_exponential_delay
 from src.utils.logger import Logger
@@ -22,7 +31,9 @@ from src.utils.state_interface import StateInterface
 
 from .config_receiver import ConfigReceiver
 from .mqtt_connection import MQTTConnection
-from .provider import Provider, pack_rows
+from .provider import Provider, Publish, pack_rows
+from .rate_limit import TokenBucket
+from .streams import StreamCursors
 
 # at teardown, how long a backend waits for a broker it is not connected to
 _UNREACHABLE_GRACE_SECONDS = 5.0
@@ -30,6 +41,33 @@ _IDLE_POLL_SECONDS = 0.1  # how soon new rows from the procedures are noticed
 _ROWS_PER_FETCH = 1_000
 _FRUITLESS_DROPS_BEFORE_ISOLATING = 2  # connections lost with no acknowledgement in between
 _MAX_REFUSAL_BACKOFF = 60.0
+# failed connection attempts at one address before the next is tried
+_FAILURES_BEFORE_FAILOVER = 2
+_GAP_CHECK_SECONDS = 5.0
+
+
+def destination_section(config: Config, name: str) -> BackendConfig:
+    """The backend section of the destination the process `name` serves."""
+    return config.destinations()[destination_of_process(name)]
+
+
+def gap_record(destination: str, count: int, first: float, last: float) -> LogMessageBody:
+    """What a destination is told when its cap dropped data for it."""
+    span = " and ".join(
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment)) for moment in (first, last)
+    )
+    return LogMessageBody(
+        level="WARNING",
+        subject=(
+            f"gap: {count} data message(s) measured between {span} were dropped for "
+            f"destination {destination} by its size cap and will not arrive here"
+        ),
+        body=(
+            "The station kept measuring while this destination could not take its data; "
+            "its queue for this destination was full, so the oldest were dropped. They are "
+            "in the station's archive (`ivy messages`)."
+        ),
+    )
 
 
 class Drainer:
@@ -50,18 +88,35 @@ class Drainer:
     """
 
     def __init__(self, config: Config, name: str, provider: Provider) -> None:
-        """Open the queue and prepare the connection."""
-        assert config.backend is not None
-        self.backend = config.backend
+        """Open the queue (registering this destination if no main loop has)
+        and prepare the connection."""
+        self.destination = destination_of_process(name)
+        self.backend = destination_section(config, name)
         self.logger = Logger(config, name)
         self.messaging_agent = MessagingAgent(config)
+        self.messaging_agent.ensure_destination(
+            self.destination,
+            frozenset(self.backend.variants),
+            self.backend.max_queued_messages or config.storage.max_queued_messages,
+        )
         self.provider = provider
         self.receiver = ConfigReceiver(config, self.logger, self.messaging_agent)
+        self.addresses = self.backend.addresses()
+        self.address_index = 0
+        self.address_note = ""
+        self.last_primary_probe = time.monotonic()
         self.connection = self._new_connection()
+        self.cursors = StreamCursors(
+            self.messaging_agent, self.destination, self.backend.catch_up == "newest_first"
+        )
+        self.message_rate = TokenBucket(self.backend.max_messages_per_second)
+        self.byte_rate = TokenBucket(
+            float(self.backend.max_bytes_per_second) if self.backend.max_bytes_per_second else None
+        )
+        self.waiting: list[Publish] = []  # packed, held back by the rate limits
+        self.gap_checked_at = 0.0
         self.rows_of_publish: dict[int, list[int]] = {}
         self.publishes_per_row: dict[int, int] = {}
-        self.fetched_up_to = 0  # every row up to here is in flight or deleted
-        self.in_flight_above_cursor: set[int] = set()  # only after a rewind
         self.solo_rows: set[int] = set()  # suspects: each travels alone
         self.poisoned_rows: dict[int, str] = {}  # row -> why it goes out as an error
         self.one_at_a_time = False  # while the culprit of connection drops is sought
@@ -81,6 +136,8 @@ class Drainer:
             self.logger,
             self.provider.subscriptions(),
             self.provider.publishes_on_connect(),
+            address=self.addresses[self.address_index],
+            note=self.address_note,
         )
 
     def run(self, teardown_indicator: Event) -> None:
@@ -93,13 +150,16 @@ class Drainer:
                 self._process_acknowledgements()
                 self._process_received_configs()
                 self._process_connection_drops()
+                self._fail_over()
                 self._release_held_rows()
+                self._send_gap_record()
                 self._publish_connection_state()
                 if teardown_at is None and teardown_indicator.is_set():
                     teardown_at = time.monotonic()
                     self.logger.info(
-                        f"draining {self.messaging_agent.get_queue_depth()} queued message(s) "
-                        f"for at most {self.backend.max_drain_time} s before stopping"
+                        f"draining {self.messaging_agent.get_queue_depth(self.destination)} "
+                        f"queued message(s) for at most {self.backend.max_drain_time} s "
+                        "before stopping"
                     )
                 if teardown_at is not None and self._done_draining(teardown_at):
                     break
@@ -109,12 +169,17 @@ class Drainer:
                     self.connection.wakeup.clear()
         finally:
             self.logger.info(
-                f"stopping: {self.messaging_agent.get_queue_depth()} message(s) left in the queue"
+                f"stopping: {self.messaging_agent.get_queue_depth(self.destination)} message(s) "
+                "left in the queue"
             )
             self.connection.stop()
 
     def _drained(self) -> bool:
-        return not self.rows_of_publish and self.messaging_agent.get_queue_depth() == 0
+        return (
+            not self.rows_of_publish
+            and not self.waiting
+            and self.messaging_agent.get_queue_depth(self.destination) == 0
+        )
 
     def _done_draining(self, teardown_at: float) -> bool:
         """Whether to stop now: everything is sent, `max_drain_time` is over,
@@ -152,10 +217,11 @@ class Drainer:
         if finished:
             self.last_acknowledgment = time.time()
             poisoned = sum(1 for row_id in finished if row_id in self.poisoned_rows)
-            self.messaging_agent.remove_messages(finished)
+            self.messaging_agent.acknowledge(self.destination, finished)
             if poisoned:
                 self.messaging_agent.count_poisoned(poisoned)
             for row_id in finished:
+                self.cursors.done(row_id)
                 self.solo_rows.discard(row_id)
                 self.poisoned_rows.pop(row_id, None)
                 self.hold_attempts.pop(row_id, None)
@@ -191,18 +257,15 @@ class Drainer:
             )
 
     def _rewind(self, row_ids: set[int]) -> None:
-        """Send these rows again: forget their publishes and move the fetch
-        cursor back before them."""
+        """Send these rows again: forget their publishes and move their
+        streams' fetch cursors back before them."""
         for row_id in row_ids:
             self.publishes_per_row.pop(row_id, None)
         # a late acknowledgement of another part must not count for the resend
         for mid, rows in self.rows_of_publish.items():
             if not row_ids.isdisjoint(rows):
                 self.rows_of_publish[mid] = [r for r in rows if r not in row_ids]
-        self.fetched_up_to = min(self.fetched_up_to, min(row_ids) - 1)
-        self.in_flight_above_cursor = {
-            row_id for row_id in self.publishes_per_row if row_id > self.fetched_up_to
-        }
+        self.cursors.rewind(row_ids, self.publishes_per_row)
 
     def _process_connection_drops(self) -> None:
         drops = self.connection.disconnects
@@ -217,7 +280,6 @@ class Drainer:
         if self.fruitless_drops < _FRUITLESS_DROPS_BEFORE_ISOLATING:
             return
         # the broker closes the connection whenever these publishes are resent
-        outstanding = list(self.publishes_per_row)
         publishes = list(self.rows_of_publish.values())
         self.logger.warning(
             f"the broker closed the connection {self.fruitless_drops} times while "
@@ -232,16 +294,87 @@ class Drainer:
         else:
             self.solo_rows.update(row_id for rows in publishes for row_id in rows)
         self.one_at_a_time = True
+        # a new client: paho would otherwise resend the same publishes for ever
+        self._renew_connection()
+
+    def _renew_connection(self) -> None:
+        """A new client (at the current address): everything in flight and
+        held back is sent again through it."""
+        outstanding = set(self.publishes_per_row) | {
+            row_id for publish in self.waiting for row_id in publish.row_ids
+        }
         self.rows_of_publish = {}
         self.publishes_per_row = {}
+        self.waiting = []
         if outstanding:
-            self._rewind(set(outstanding))
-        # a new client: paho would otherwise resend the same publishes for ever
+            self._rewind(outstanding)
         self._process_received_configs()
         self.connection.stop()
         self.connection = self._new_connection()
         self.seen_disconnects = 0
         self.connection.start()
+
+    def _fail_over(self) -> None:
+        """Move to the next address when this one does not answer; while on a
+        failover address, go back to the primary as soon as it answers."""
+        if len(self.addresses) < 2:
+            return
+        if (
+            not self.connection.is_connected()
+            and self.connection.failures >= _FAILURES_BEFORE_FAILOVER
+        ):
+            failed = self.addresses[self.address_index]
+            reason = self.connection.status.detail
+            self.address_index = (self.address_index + 1) % len(self.addresses)
+            address = self.addresses[self.address_index]
+            self.address_note = (
+                ""
+                if self.address_index == 0
+                else f"failover: {failed.mqtt_host}:{failed.mqtt_port} did not answer ({reason})"
+            )
+            self.logger.warning(
+                f"{failed.mqtt_host}:{failed.mqtt_port} does not answer; trying "
+                f"{address.mqtt_host}:{address.mqtt_port}"
+            )
+            self._renew_connection()
+            return
+        now = time.monotonic()
+        if self.address_index == 0 or now - self.last_primary_probe < (
+            self.backend.failover_probe_seconds
+        ):
+            return
+        self.last_primary_probe = now
+        primary = self.addresses[0]
+        try:
+            with socket.create_connection((primary.mqtt_host, primary.mqtt_port), timeout=3):
+                pass
+        except OSError:
+            return
+        self.logger.info(
+            f"the primary address {primary.mqtt_host}:{primary.mqtt_port} answers again; "
+            "going back to it (what is in flight is sent again)"
+        )
+        self.address_index = 0
+        self.address_note = ""
+        self._renew_connection()
+
+    def _send_gap_record(self) -> None:
+        """Once the broker acknowledges again, tell this destination how much
+        data its cap dropped for it (once: the record and the reset of its gap
+        are one transaction)."""
+        now = time.monotonic()
+        if self.last_acknowledgment is None or now - self.gap_checked_at < _GAP_CHECK_SECONDS:
+            return
+        self.gap_checked_at = now
+        count = self.messaging_agent.record_gap(
+            self.destination,
+            lambda count, first, last: gap_record(self.destination, count, first, last),
+        )
+        if count:
+            self.logger.warning(
+                f"told destination {self.destination} of the {count} data message(s) its "
+                "size cap dropped for it"
+            )
 
     def _release_held_rows(self) -> None:
         if not self.held_rows:
@@ -259,8 +392,9 @@ class Drainer:
             f"message {identifier} makes the broker close the connection even as an error; "
             "dropped from the queue (it stays in the local archive)"
         )
-        self.messaging_agent.remove_messages([row_id])
+        self.messaging_agent.acknowledge(self.destination, [row_id])
         self.messaging_agent.count_poisoned(1)
+        self.cursors.done(row_id)
         self.solo_rows.discard(row_id)
         self.poisoned_rows.pop(row_id, None)
         self.held_rows.pop(row_id, None)
@@ -291,55 +425,74 @@ class Drainer:
             self.published_connection[0] == status and now - self.published_at < 10
         ):
             return  # only the acknowledgment time moved: not worth a write per batch
+        report = BackendConnectionState(
+            connected=status.connected,
+            detail=status.detail,
+            since=status.since,
+            broker=status.broker,
+            last_acknowledgment=self.last_acknowledgment,
+        )
         with StateInterface.update() as state:
-            state.backend_connection = BackendConnectionState(
-                connected=status.connected,
-                detail=status.detail,
-                since=status.since,
-                broker=status.broker,
-                last_acknowledgment=self.last_acknowledgment,
-            )
+            state.destinations = {**state.destinations, self.destination: report}
+            if self.destination == LEGACY_DESTINATION:
+                # what versions before destinations (a guard judging this one) read
+                state.backend_connection = report
         self.published_connection = current
         self.published_at = now
 
     def _publish_more(self) -> bool:
-        published_any = False
+        """Publish what is waiting for the rate limits, then fetch and publish
+        more, stream by stream, while the in-flight window allows."""
+        published_any = self._send_waiting()
         limit = 1 if self.one_at_a_time else self.backend.max_parallel_messages
-        while len(self.rows_of_publish) < limit:
-            rows = self.messaging_agent.take_rows_to_send(
-                1 if self.one_at_a_time else _ROWS_PER_FETCH,
-                excluded_message_ids=self.in_flight_above_cursor | self.held_rows.keys(),
-                after_id=self.fetched_up_to,
-            )
-            if not rows:
-                if not self.rows_of_publish and self.one_at_a_time:
-                    self.logger.info("every suspect row is out; back to batched publishing")
-                    self.one_at_a_time = False
-                    self.solo_rows.clear()
-                break
-            # every payload of these rows goes out, even past the limit (paho
-            # keeps the surplus queued, off the wire): a row is deleted only
-            # when each of its parts is acknowledged. Outstanding publishes
-            # stay below max_parallel_messages (<= 10,000) plus one fetch, far
-            # from the 65,535 message ids MQTT has.
-            for publish in pack_rows(
-                self.provider,
-                rows,
-                self.messaging_agent.identifier_of,
-                self.solo_rows,
-                self.poisoned_rows,
-            ):
-                mid = self.connection.publish(publish.topic, publish.payload())
-                self.rows_of_publish[mid] = publish.row_ids
-                for row_id in publish.row_ids:
-                    self.publishes_per_row[row_id] = self.publishes_per_row.get(row_id, 0) + 1
-            self.fetched_up_to = max(self.fetched_up_to, rows[-1].id)
-            if self.in_flight_above_cursor and self.fetched_up_to >= max(
-                self.in_flight_above_cursor
-            ):
-                self.in_flight_above_cursor = set()
-            published_any = True
+        if not published_any and not self.rows_of_publish:
+            self.cursors.begin_catch_up()
+        for stream in self.cursors.order():
+            while len(self.rows_of_publish) < limit and not self.waiting:
+                rows = self.cursors.take(
+                    stream, 1 if self.one_at_a_time else _ROWS_PER_FETCH, self.held_rows.keys()
+                )
+                if not rows:
+                    break
+                self.cursors.fetched_rows(stream, rows)
+                # every payload of these rows goes out, even past the limit (paho
+                # keeps the surplus queued, off the wire): a row is released only
+                # when each of its parts is acknowledged. Outstanding publishes
+                # stay below max_parallel_messages (<= 10,000) plus one fetch, far
+                # from the 65,535 message ids MQTT has.
+                self.waiting = pack_rows(
+                    self.provider,
+                    rows,
+                    self.messaging_agent.identifier_of,
+                    self.solo_rows,
+                    self.poisoned_rows,
+                )
+                published_any = self._send_waiting() or published_any
+        if not published_any and not self.rows_of_publish and self.one_at_a_time:
+            self.logger.info("every suspect row is out; back to batched publishing")
+            self.one_at_a_time = False
+            self.solo_rows.clear()
         return published_any
+
+    def _send_waiting(self) -> bool:
+        """Publish the packed publishes the rate limits let through now."""
+        sent = 0
+        for publish in self.waiting:
+            payload = publish.payload()
+            if not (
+                self.message_rate.allows(len(publish.row_ids))
+                and self.byte_rate.allows(len(payload))
+            ):
+                break
+            self.message_rate.spend(len(publish.row_ids))
+            self.byte_rate.spend(len(payload))
+            mid = self.connection.publish(publish.topic, payload)
+            self.rows_of_publish[mid] = publish.row_ids
+            for row_id in publish.row_ids:
+                self.publishes_per_row[row_id] = self.publishes_per_row.get(row_id, 0) + 1
+            sent += 1
+        self.waiting = self.waiting[sent:]
+        return sent > 0
 
 
 def run_backend(config: Config, name: str, teardown_indicator: Event, provider: Provider) -> None:

@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from src.types import BackendConfig
+from src.types.config import BrokerAddress
 from src.utils.logger import Logger
 
 _KEEPALIVE_SECONDS = 30
@@ -58,9 +59,18 @@ class MQTTConnection:
         logger: Logger,
         subscriptions: Sequence[str],
         publishes_on_connect: Sequence[tuple[str, bytes]] = (),
+        address: BrokerAddress | None = None,
+        note: str = "",
     ) -> None:
-        """Configure (but do not connect) the client."""
+        """Configure (but do not connect) the client, for `address` (default:
+        the primary); `note` says why this address, in the connection's status."""
         self.config = config
+        self.host, self.port = (
+            (address.mqtt_host, address.mqtt_port)
+            if address is not None
+            else (config.mqtt_host, config.mqtt_port)
+        )
+        self.note = note
         self.logger = logger
         self.subscriptions = list(subscriptions)
         self.publishes_on_connect = list(publishes_on_connect)
@@ -122,7 +132,7 @@ class MQTTConnection:
     @property
     def address(self) -> str:
         """host:port of the broker, for log lines."""
-        return f"{self.config.mqtt_host}:{self.config.mqtt_port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> None:
         """Connect in the background; paho's thread retries until it succeeds."""
@@ -133,8 +143,8 @@ class MQTTConnection:
             properties.SessionExpiryInterval = _SESSION_EXPIRY_SECONDS
             clean_start = False
         self.client.connect_async(
-            self.config.mqtt_host,
-            self.config.mqtt_port,
+            self.host,
+            self.port,
             keepalive=_KEEPALIVE_SECONDS,
             clean_start=clean_start,
             properties=properties,
@@ -149,6 +159,11 @@ class MQTTConnection:
     def is_connected(self) -> bool:
         """Whether the broker has accepted our connection right now."""
         return self._connected.is_set()
+
+    @property
+    def failures(self) -> int:
+        """Connection attempts that failed since the last one that succeeded."""
+        return self._failures - 1  # the count is ahead by the wait it has set
 
     def publish(self, topic: str, payload: bytes) -> int:
         """Publish with QoS 1 and return the message id; paho keeps the message
@@ -168,6 +183,8 @@ class MQTTConnection:
         self._last_state = state
         if details is not None:
             state += f" ({details()})"
+        if self.note:
+            state += f"; {self.note}"
         self.status = ConnectionStatus(
             connected=not failure, detail=state, since=time.time(), broker=self.address
         )
@@ -219,12 +236,10 @@ class MQTTConnection:
         """Why a connection fails: paho's callback does not say, and "wrong CA"
         and "host down" need different fixes."""
         try:
-            with socket.create_connection(
-                (self.config.mqtt_host, self.config.mqtt_port), timeout=5
-            ) as raw:
+            with socket.create_connection((self.host, self.port), timeout=5) as raw:
                 context = self.client._ssl_context
                 if context is not None:
-                    with context.wrap_socket(raw, server_hostname=self.config.mqtt_host):
+                    with context.wrap_socket(raw, server_hostname=self.host):
                         pass
         except OSError as e:
             return str(e) or type(e).__name__

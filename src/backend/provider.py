@@ -22,7 +22,7 @@ from typing import Any
 
 from paho.mqtt.client import topic_matches_sub as mqtt_topic_matches
 
-from src.types import Config
+from src.types import BackendConfig, Config
 from src.utils.messaging_agent import QueueRow
 
 # json.dumps with non-default arguments builds an encoder per call: reuse one
@@ -145,14 +145,14 @@ class Provider(abc.ABC):
     to, what to publish at every connect, how a row becomes items, and where
     configs arrive; the connection and the drain loop are shared."""
 
-    def __init__(self, config: Config) -> None:
-        """Keep the config; `system_identifier` names the station's topics."""
-        assert config.backend is not None
+    def __init__(self, config: Config, backend: BackendConfig | None = None) -> None:
+        """Keep the config; `system_identifier` names the station's topics;
+        `backend` is the destination's section (default: the `backend` one)."""
+        backend = backend or config.backend
+        assert backend is not None
         self.config = config
         self.identifier = config.general.system_identifier
-        self.max_payload_bytes = min(
-            config.backend.max_payload_bytes, self.server_max_payload_bytes
-        )
+        self.max_payload_bytes = min(backend.max_payload_bytes, self.server_max_payload_bytes)
         self.item_text_bytes = self.max_payload_bytes - ITEM_ENVELOPE_BYTES
 
     #: the largest payload the server takes; the config cannot raise it

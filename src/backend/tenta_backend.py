@@ -37,7 +37,7 @@ from src.types.config import is_valid_revision
 from src.utils.messaging_agent import QueueRow
 from src.utils.update.admission import parse_json_object
 
-from .drain import run_backend
+from .drain import destination_section, run_backend
 from .provider import (
     Item,
     Provider,
@@ -223,7 +223,8 @@ class TentaProvider(Provider):
 
 def run(config: Config, name: str, teardown_indicator: Event) -> None:
     """The Tenta backend process, started by the main loop."""
-    run_backend(config, name, teardown_indicator, TentaProvider(config))
+    section = destination_section(config, name)
+    run_backend(config, name, teardown_indicator, TentaProvider(config, section))
 
 
 info = BackendInfo(run=run)

@@ -24,7 +24,7 @@ from src.types.backend import BackendInfo
 from src.utils.messaging_agent import QueueRow
 from src.utils.update.admission import parse_json_object
 
-from .drain import run_backend
+from .drain import destination_section, run_backend
 from .provider import (
     Item,
     Provider,
@@ -167,7 +167,8 @@ class ThingsBoardProvider(Provider):
 
 def run(config: Config, name: str, teardown_indicator: Event) -> None:
     """The ThingsBoard backend process, started by the main loop."""
-    run_backend(config, name, teardown_indicator, ThingsBoardProvider(config))
+    section = destination_section(config, name)
+    run_backend(config, name, teardown_indicator, ThingsBoardProvider(config, section))
 
 
 info = BackendInfo(run=run)

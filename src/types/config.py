@@ -25,6 +25,7 @@ from .atomic_file import write_atomically
 from .legacy_config import is_ivy_1_1_config, translate_ivy_1_1
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "EXCEPTION"]
+MessageVariant = Literal["data", "log", "config"]
 
 REDACTED = "**********"
 _REVEAL_SECRETS = "reveal_secrets"
@@ -47,6 +48,27 @@ _IDENTIFIER_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 TENTA_IDENTIFIER_PATTERN = r"^[a-f0-9]{8}-[a-f0-9]{4}-4[a-f0-9]{3}-[89ab][a-f0-9]{3}-[a-f0-9]{12}$"
 _HOST_AND_PORT_PATTERN = _HOSTNAME_PATTERN[:-1] + r"(:[0-9]{1,5})?$"
 _CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+# a destination's name, stable: its queue cursor and counters are keyed by it
+DESTINATION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# the name of the reference API's single `backend` section as a destination
+LEGACY_DESTINATION = "backend"
+
+
+def destination_process_name(destination: str) -> str:
+    """The name of a destination's backend process (and its log origin):
+    "backend" for the `backend` section, "backend:<name>" for the others."""
+    return destination if destination == LEGACY_DESTINATION else f"backend:{destination}"
+
+
+def destination_of_process(process: str) -> str:
+    """The destination a backend process named `process` serves."""
+    return process.split(":", 1)[1] if process.startswith("backend:") else LEGACY_DESTINATION
+
+
+def _location_of(destination: str) -> tuple[str, ...]:
+    return ("backend",) if destination == LEGACY_DESTINATION else ("backends", destination)
 
 
 # revisions live in Tenta's int4 columns and in SQLite; nothing larger is
@@ -243,6 +265,13 @@ def _provider_enum(schema: dict[str, Any]) -> None:
     schema["enum"] = list(backend_provider_names())
 
 
+class BrokerAddress(_Section):
+    """One address of a broker service."""
+
+    mqtt_host: str = Field(..., pattern=_HOSTNAME_PATTERN, description="Broker host.")
+    mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+
+
 class BackendConfig(_Section):
     provider: str = Field(..., description="Protocol spoken.", json_schema_extra=_provider_enum)
 
@@ -289,6 +318,55 @@ class BackendConfig(_Section):
             "restarts spread out)."
         ),
     )
+    failover: list[BrokerAddress] = Field(
+        default_factory=list,
+        max_length=8,
+        description=(
+            "More addresses of the same broker service, tried in order when the primary "
+            "(mqtt_host, mqtt_port) does not answer; while on one of them, the backend keeps "
+            "trying to return to the primary. TLS settings are shared: each host must be "
+            "one the certificate names."
+        ),
+    )
+    failover_probe_seconds: int = Field(
+        30,
+        ge=1,
+        le=3_600,
+        description="While on a failover address, how often the primary is tried again.",
+    )
+    variants: list[MessageVariant] = Field(
+        default_factory=lambda: list(get_args(MessageVariant)),
+        min_length=1,
+        description="Which messages this destination gets (e.g. data only for a dashboard).",
+    )
+    max_queued_messages: int | None = Field(
+        None,
+        ge=1_000,
+        le=1_000_000_000,
+        description=(
+            "This destination's own cap on messages it has not got yet (null: "
+            "storage.max_queued_messages); above it its oldest data are dropped for it alone, "
+            "counted, and named in a gap record it receives once it is back."
+        ),
+    )
+    max_messages_per_second: float | None = Field(
+        None, gt=0, le=1_000_000, description="Rate limit of this destination (null: none)."
+    )
+    max_bytes_per_second: int | None = Field(
+        None, ge=1_024, le=10**10, description="Byte rate limit of this destination (null: none)."
+    )
+    catch_up: Literal["oldest_first", "newest_first"] = Field(
+        "oldest_first",
+        description=(
+            "After an outage, send the data backlog oldest first, or what is measured now "
+            "first and the backlog after it (for dashboards that care about the present); "
+            "logs and config answers always go first, and everything arrives either way."
+        ),
+    )
+
+    def addresses(self) -> list[BrokerAddress]:
+        """The primary address, then the failover ones."""
+        return [BrokerAddress(mqtt_host=self.mqtt_host, mqtt_port=self.mqtt_port), *self.failover]
 
 
 # the reference API's name for the broker settings of the backend section
@@ -350,6 +428,13 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     updater: UpdaterConfig | None = None
     backend: BackendConfig | None = None
+    backends: dict[Annotated[str, Field(pattern=DESTINATION_NAME_PATTERN)], BackendConfig] = Field(
+        default_factory=dict,
+        description=(
+            "More destinations by name, each a backend section of its own (its own process, "
+            'queue cursor, cap and broker); `backend` is one more, named "backend".'
+        ),
+    )
     trial: TrialConfig = Field(default_factory=TrialConfig)
 
     @pydantic.model_validator(mode="after")
@@ -376,10 +461,34 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
                         }
                     )
         identifier = self.general.system_identifier
-        if (
-            self.backend is not None
-            and self.backend.provider == "tenta"
-            and not re.match(TENTA_IDENTIFIER_PATTERN, identifier)
+        if LEGACY_DESTINATION in self.backends:
+            errors.append(
+                {
+                    "type": PydanticCustomError(
+                        "reserved_name", '"backend" names the backend section; choose another'
+                    ),
+                    "loc": ("backends", LEGACY_DESTINATION),
+                    "input": LEGACY_DESTINATION,
+                }
+            )
+        destinations = self.destinations()
+        client_ids: dict[str, str] = {}
+        for name, section in destinations.items():
+            other = client_ids.setdefault(section.mqtt_client_id, name)
+            if other != name:
+                errors.append(
+                    {
+                        "type": PydanticCustomError(
+                            "client_id_twice",
+                            "two destinations ({other} and {name}) cannot share an MQTT client id",
+                            {"other": other, "name": name},
+                        ),
+                        "loc": (*_location_of(name), "mqtt_client_id"),
+                        "input": section.mqtt_client_id,
+                    }
+                )
+        if any(section.provider == "tenta" for section in destinations.values()) and not (
+            re.match(TENTA_IDENTIFIER_PATTERN, identifier)
         ):
             errors.append(
                 {
@@ -395,6 +504,12 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         if errors:
             raise pydantic.ValidationError.from_exception_data("Config", errors)
         return self
+
+    def destinations(self) -> dict[str, BackendConfig]:
+        """Every destination by name: `backend` (named "backend"), then each of
+        `backends`."""
+        found = {LEGACY_DESTINATION: self.backend} if self.backend is not None else {}
+        return {**found, **self.backends}
 
     def procedure_section(self, name: str, model: type[SectionT]) -> SectionT | None:
         """The validated section of procedure `name` (None: off). Called by

@@ -142,7 +142,10 @@ class State(_StateModel):
     mainloop: MainloopState = Field(default_factory=MainloopState)
     processes: dict[str, ProcessState] = Field(default_factory=dict)
     system: SystemState = Field(default_factory=SystemState)
+    # the `backend` destination's connection (what versions before
+    # destinations read), and every destination's by name
     backend_connection: BackendConnectionState | None = None
+    destinations: dict[str, BackendConnectionState] = Field(default_factory=dict)
     # configs for the updater, oldest first (bounded). `pending_configs` is
     # what versions before the trust policy queued; read, never written
     pending: list[PendingConfig] = Field(default_factory=list)

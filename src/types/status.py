@@ -39,6 +39,17 @@ class QueueStatus(pydantic.BaseModel):
     poisoned: int
 
 
+class DestinationStatus(pydantic.BaseModel):
+    """One destination (backend): its connection as its backend last reported
+    it (which address, and why that one), and what it has still to get."""
+
+    provider: str
+    connection: BackendConnectionState | None
+    backlog: int
+    oldest_age_seconds: float | None
+    dropped: int
+
+
 class DiskStatus(pydantic.BaseModel):
     """The data directory's partition."""
 
@@ -54,6 +65,7 @@ class StationStatus(pydantic.BaseModel):
     mainloop: MainloopStatus
     config: ConfigStatus
     backend_connection: BackendConnectionState | None
+    destinations: dict[str, DestinationStatus] = Field(default_factory=dict)
     queue: QueueStatus
     disk: DiskStatus
     update: UpdateProgress | None

@@ -35,6 +35,8 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is typing.Annotated:
         return _type_name(typing.get_args(annotation)[0])
+    if origin is list:
+        return f"list of ({_type_name(typing.get_args(annotation)[0])})"
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type) and issubclass(annotation, pydantic.SecretStr):
@@ -111,30 +113,55 @@ def _render_model(model: type[pydantic.BaseModel], prefix: str, out: list[str]) 
         _render_model(sub, path, out)
 
 
+def _render_mapping(name: str, field: FieldInfo, out: list[str]) -> None:
+    """A section that maps names to sections of a kind documented elsewhere
+    (`backends`: name -> a `backend` section)."""
+    key_type, value_type = typing.get_args(field.annotation)
+    key_pattern = _constraints(FieldInfo.from_annotation(key_type))
+    value_section = next(
+        other
+        for other, candidate in Config.model_fields.items()
+        if other != name and _section_model(candidate.annotation) is value_type
+    )
+    description = re.sub(r"\s+", " ", field.description or "")
+    out.append(f"### `{name}` (optional)")
+    out.append("")
+    out.append(
+        f"{description} An object mapping each name ({key_pattern}) to a section with "
+        f"the keys of [`{value_section}`](#{value_section}-optional-null-turns-it-off)."
+    )
+    out.append("")
+
+
 def render_config_reference() -> str:
     """The whole reference: one table per section of `Config`, then one per
     procedure module (registered by `src.procedures`)."""
     out: list[str] = []
-    sections: list[tuple[str, type[pydantic.BaseModel], str]] = []
     for name, field in Config.model_fields.items():
+        if typing.get_origin(field.annotation) is dict:
+            _render_mapping(name, field, out)
+            continue
         section = _section_model(field.annotation)
         assert section is not None
         nullable = type(None) in typing.get_args(field.annotation)
-        sections.append((name, section, " (optional: `null` turns it off)" if nullable else ""))
+        _render_section(name, section, " (optional: `null` turns it off)" if nullable else "", out)
     for name, model in sorted(procedure_sections().items()):
         if model is not None:
-            sections.append(
-                (name, model, f" (procedure `src/procedures/{name}.py`; `null` or absent: off)")
-            )
-    for name, section, note in sections:
-        out.append(f"### `{name}`{note}")
-        out.append("")
-        if section.__doc__ and not section.__doc__.startswith(("A config section", "Section ")):
-            out.append(section.__doc__.strip())
-            out.append("")
-        _render_model(section, name, out)
-        out.append("")
+            note = f" (procedure `src/procedures/{name}.py`; `null` or absent: off)"
+            _render_section(name, model, note, out)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _render_section(
+    name: str, section: type[pydantic.BaseModel], note: str, out: list[str]
+) -> None:
+    out.append(f"### `{name}`{note}")
+    out.append("")
+    if section.__doc__ and not section.__doc__.startswith(("A config section", "Section ")):
+        out.append(section.__doc__.strip())
+        out.append("")
+    _render_model(section, name, out)
+    out.append("")
 
 
 def render_json_schema() -> str:

@@ -298,9 +298,11 @@ class LifecycleManager:
 
 
 def backend_teardown_seconds(config: Config) -> float:
-    """How long a backend may drain on teardown before it is killed
-    (`max_drain_time` + 15 s). Used by the lifecycle manager and `ivy stop`."""
-    return float((config.backend.max_drain_time if config.backend is not None else 0) + 15)
+    """How long a backend may drain on teardown before it is killed: the
+    longest `max_drain_time` of the destinations + 15 s. Used by the lifecycle
+    manager and `ivy stop`."""
+    drains = [section.max_drain_time for section in config.destinations().values()]
+    return float(max(drains, default=0) + 15)
 
 
 def teardown_in_parallel(managers: Sequence[LifecycleManager]) -> None:

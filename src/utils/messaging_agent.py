@@ -25,8 +25,8 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Literal, NamedTuple
 
 import pydantic
 
@@ -40,7 +40,9 @@ from src.types import (
     StorageConfig,
 )
 
+from . import queue_destinations
 from .functions import utc_date_string
+from .queue_destinations import Destination, counter
 
 # the reference API's module-level paths (the agent reads src.constants at
 # call time, so that tests and tools can point it elsewhere)
@@ -57,7 +59,7 @@ MESSAGE_ARCHIVE_DIR_LOCK: str = os.path.join(constants.DATA_DIR, "messages.lock"
 # the rest, and leaves a newer user_version as it is. A row an older
 # provider cannot make sense of goes out as an error log holding its raw body
 # (the drain's poison-row path), so it never blocks the queue.
-QUEUE_SCHEMA_VERSION = 1
+QUEUE_SCHEMA_VERSION = 2
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS queue (
@@ -80,14 +82,45 @@ _SCHEMA = [
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('identifier_prefix', ?)",
 ]
 
-# the order in which the size cap drops messages: data first, config answers last
+# version 2: destinations, each with a bit in `pending` (queue_destinations);
+# rows from before it are pending for every destination; a partial index finds
+# the logs and config answers that go before the data backlog
+_DESTINATIONS_SCHEMA = [
+    "ALTER TABLE queue ADD COLUMN pending INTEGER NOT NULL DEFAULT -1",
+    """CREATE TABLE IF NOT EXISTS destinations (
+        name TEXT PRIMARY KEY,
+        bit INTEGER NOT NULL UNIQUE,
+        variants TEXT NOT NULL,
+        max_queued INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS queue_priority ON queue (id) WHERE variant != 'data'",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('destinations_version', 0)",
+]
+
 # schema version -> the statements that migrate the version before it to it
-_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA}
+_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA, 2: _DESTINATIONS_SCHEMA}
+
+# the order in which the size cap drops messages: data first, config answers last
 
 _DROP_ORDER = ("data", "log", "config")
 _SQLITE_MAX_PARAMETERS = 900
 _ARCHIVE_FLUSH_BATCH = 5_000
 _ROW_COLUMNS = "id, timestamp, variant, config_revision, body"
+# a destination's streams: logs and config answers go before the data backlog
+# (with newest-first catch-up, the data measured since the catch-up began,
+# "live", go before the data backlog)
+Stream = Literal["priority", "data", "live"]
+_STREAM_FILTER: dict[Stream | None, str] = {
+    None: "",
+    "priority": "AND variant != 'data'",
+    "data": "AND variant = 'data'",
+    "live": "AND variant = 'data'",
+}
+_STREAM_MARK: dict[Stream, str] = {
+    "priority": "sent_priority_up_to",
+    "data": "sent_up_to",
+    "live": "live_sent_up_to",
+}
 
 
 class QueueRow(NamedTuple):
@@ -180,14 +213,24 @@ class MessagingAgent:
                 "for inspection: move it aside to start a new queue"
             ) from None
         self.identifier_prefix = f"{self._read_counter('identifier_prefix'):016x}"
-        self._sent_up_to_seen = 0  # the mark as far as this process moved it
+        self._sent_up_to_seen: dict[str, int] = {}  # marks as far as this process moved them
+        self._destinations_version = -1
+        self.destinations: dict[str, Destination] = {}
+        self._routing: dict[str, int] = {}
+        self._live_mask = 0
+        self._refresh_destinations()
 
     def _migrate(self) -> None:
         """Bring the schema up to `QUEUE_SCHEMA_VERSION`, inside the caller's
         transaction (all steps or none); a newer database is left alone."""
         found = int(self.connection.execute("PRAGMA user_version").fetchone()[0])
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(queue)")}
         for version in range(found + 1, QUEUE_SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[version]:
+                if statement.startswith("ALTER TABLE queue ADD COLUMN pending") and (
+                    "pending" in columns
+                ):
+                    continue  # each step may meet a database that has it already
                 parameters = (secrets.randbits(62),) if "?" in statement else ()
                 self.connection.execute(statement, parameters)
         if found < QUEUE_SCHEMA_VERSION:
@@ -226,6 +269,73 @@ class MessagingAgent:
         """The stable identifier of the message in row `row_id`."""
         return f"{self.identifier_prefix}-{row_id}"
 
+    # --- destinations ------------------------------------------------------------
+
+    def _refresh_destinations(self) -> None:
+        """Reload the destinations when another process changed them (a cheap
+        counter read; called inside each transaction that routes or releases)."""
+        version = self._read_counter("destinations_version")
+        if version != self._destinations_version:
+            self.destinations = queue_destinations.load(self.connection)
+            self._routing = queue_destinations.routing(self.destinations)
+            self._live_mask = queue_destinations.live_mask(self.destinations.values())
+            self._destinations_version = version
+
+    def sync_destinations(
+        self, wanted: Mapping[str, tuple[frozenset[str], int]], release_others: bool = True
+    ) -> None:
+        """Make the registered destinations `wanted` (name -> the variants it
+        gets and its size cap): new ones are added, changed ones updated, and
+        the others released, so that rows are no longer kept for them (unless
+        not `release_others`: a config on trial that may yet be rolled back).
+        Called by the main loop at its start and after a config change."""
+        with self._transaction():
+            self._refresh_destinations()
+            takes_waiting_rows = not self.destinations
+            for name, destination in self.destinations.items():
+                if name not in wanted and release_others:
+                    queue_destinations.unregister(self.connection, destination)
+            registered = {
+                n: d for n, d in self.destinations.items() if n in wanted or not release_others
+            }
+            for name, (variants, max_queued) in wanted.items():
+                registered[name] = queue_destinations.register(
+                    self.connection, name, variants, max_queued, registered, takes_waiting_rows
+                )
+            self._add_to_counter("destinations_version", 1)
+            self._refresh_destinations()
+            if self._live_mask:
+                # rows that were kept only for a released destination
+                self._flush_archive_in_transaction()
+                deleted = self.connection.execute(
+                    "DELETE FROM queue WHERE (pending & ?) = 0", (self._live_mask,)
+                ).rowcount
+                self._add_to_counter("removed", deleted)
+
+    def ensure_destination(self, name: str, variants: frozenset[str], max_queued: int) -> None:
+        """Register one destination if it is not (a backend run on its own,
+        without a main loop), leaving the others as they are."""
+        with self._transaction():
+            self._refresh_destinations()
+            if name in self.destinations:
+                return
+            queue_destinations.register(
+                self.connection,
+                name,
+                variants,
+                max_queued,
+                self.destinations,
+                not self.destinations,
+            )
+            self._add_to_counter("destinations_version", 1)
+            self._refresh_destinations()
+
+    def _destination(self, name: str) -> Destination:
+        destination = self.destinations.get(name)
+        if destination is None:
+            raise KeyError(f"{name} is not a registered destination of the queue")
+        return destination
+
     # --- producing -------------------------------------------------------------
 
     def add_message(self, message_body: MessageBody, timestamp: float | None = None) -> str:
@@ -234,23 +344,40 @@ class MessagingAgent:
         return self.add_messages([message_body], timestamp)[0]
 
     def add_messages(
-        self, bodies: Sequence[MessageBody], timestamp: float | None = None
+        self,
+        bodies: Sequence[MessageBody],
+        timestamp: float | None = None,
+        *,
+        only_to: str | None = None,
     ) -> list[str]:
         """Queue and archive many messages in one transaction (one fsync); return
-        their identifiers in order. Called by procedures that measure in bursts."""
+        their identifiers in order. Each goes to every destination that takes
+        its variant (`only_to`: to that destination alone). Called by
+        procedures that measure in bursts."""
         if not bodies:
             return []
         now = time.time() if timestamp is None else _checked_timestamp(timestamp)
         revision = self.config_revision
-        # what model_dump_json() calls, without its per-call argument handling:
-        # this is the hot path of every procedure
-        rows = [
-            (now, body.variant, revision, body.__pydantic_serializer__.to_json(body).decode())
-            for body in bodies
-        ]
         with self._transaction():
+            self._refresh_destinations()
+            routing = self._routing
+            if only_to is not None:
+                routing = dict.fromkeys(routing, self._destination(only_to).mask)
+            # what model_dump_json() calls, without its per-call argument
+            # handling: this is the hot path of every procedure
+            rows = [
+                (
+                    now,
+                    body.variant,
+                    revision,
+                    body.__pydantic_serializer__.to_json(body).decode(),
+                    routing[body.variant],
+                )
+                for body in bodies
+            ]
             self.connection.executemany(
-                "INSERT INTO queue (timestamp, variant, config_revision, body) VALUES (?, ?, ?, ?)",
+                "INSERT INTO queue (timestamp, variant, config_revision, body, pending) "
+                "VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
             # AUTOINCREMENT under BEGIN IMMEDIATE: this transaction's ids are
@@ -259,11 +386,24 @@ class MessagingAgent:
             last_id, removed = self.connection.execute(
                 "SELECT last_insert_rowid(), value FROM counters WHERE name = 'removed'"
             ).fetchone()
-            queued = last_id - removed
-            if queued > self.max_queued_messages:
-                self._drop_oldest_unsent(queued)
+            if self.destinations:
+                self._route(rows)
+            elif last_id - removed > self.max_queued_messages:
+                self._drop_oldest_unsent(last_id - removed)
         prefix = self.identifier_prefix
         return [f"{prefix}-{i}" for i in range(last_id - len(rows) + 1, last_id + 1)]
+
+    def _route(self, rows: Sequence[tuple[float, str, int, str, int]]) -> None:
+        """Count new rows for each destination they go to, and keep each under
+        its own cap."""
+        for destination in self.destinations.values():
+            count = sum(1 for row in rows if row[4] & destination.mask)
+            if not count:
+                continue
+            routed = self._add_to_counter(counter("routed", destination.name), count)
+            pending = routed - self._read_counter(counter("released", destination.name))
+            if pending > destination.max_queued:
+                self._drop_for(destination, pending)
 
     def _add_to_counter(self, name: str, delta: int) -> int:
         # an upsert: counters added after schema version 1 need no migration
@@ -274,12 +414,18 @@ class MessagingAgent:
         ).fetchone()
         return int(row[0])
 
+    def _set_counter(self, name: str, value: int) -> None:
+        self.connection.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
     def _drop_oldest_unsent(self, queued: int) -> None:
-        """Bring the rows not yet handed to a publish back under the cap,
-        oldest first (data, then logs, then config answers). Rows up to the
-        `sent_up_to` mark are never dropped: they may have reached the broker
-        already, and a dropped row must be one it never got, or the `dropped`
-        count would lie. They are at most the backend's in-flight window."""
+        """A station without a destination: bring the queue back under the
+        cap, oldest first (data, then logs, then config answers), never a row
+        up to the `sent_up_to` mark (a backend run on its own may have sent
+        it). So the dropped count is exactly what no broker got."""
         sent_up_to = self._read_counter("sent_up_to")
         (sent_still_queued,) = self.connection.execute(
             "SELECT count(*) FROM queue WHERE id <= ?", (sent_up_to,)
@@ -308,22 +454,151 @@ class MessagingAgent:
         self._add_to_counter("removed", dropped)
         self._add_to_counter("dropped", dropped)
 
+    def _drop_for(self, destination: Destination, pending: int) -> None:
+        """Bring one destination back under its cap: its oldest rows that
+        cannot be in flight to it (data, then logs, then config answers) are
+        released for it, counted as its drops, and noted for its gap record;
+        the rows no destination keeps any more leave the queue."""
+        name, bit = destination.name, destination.mask
+        marks = {
+            stream: self._read_counter(counter(mark, name)) for stream, mark in _STREAM_MARK.items()
+        }
+        live_from = self._read_counter(counter("live_from", name)) or marks["live"]
+        (in_flight,) = self.connection.execute(
+            "SELECT count(*) FROM queue WHERE (pending & ?) != 0 AND ("
+            "(variant = 'data' AND (id <= ? OR (id > ? AND id <= ?))) "
+            "OR (variant != 'data' AND id <= ?))",
+            (bit, marks["data"], live_from, marks["live"], marks["priority"]),
+        ).fetchone()
+        excess = pending - int(in_flight) - destination.max_queued
+        if excess <= 0:
+            return
+        self._flush_archive_in_transaction()  # dropped from the queue, not from the archive
+        remaining = excess + max(1, destination.max_queued // 100)
+        released: list[int] = []
+        for variant in _DROP_ORDER:
+            if remaining <= 0:
+                break
+            mark = marks["data" if variant == "data" else "priority"]
+            # with a newest-first catch-up, what is in flight of the live data
+            # (live_from, live mark] is left alone too
+            live = (live_from, marks["live"]) if variant == "data" else (0, 0)
+            dropped = self.connection.execute(
+                "UPDATE queue SET pending = pending & ~? WHERE id IN (SELECT id FROM queue "
+                "WHERE (pending & ?) != 0 AND variant = ? AND id > ? "
+                "AND NOT (id > ? AND id <= ?) ORDER BY id LIMIT ?) "
+                "RETURNING id, timestamp",
+                (bit, bit, variant, mark, *live, remaining),
+            ).fetchall()
+            if not dropped:
+                continue
+            remaining -= len(dropped)
+            released += [row_id for row_id, _ in dropped]
+            for kind in (f"dropped_{variant}", "dropped"):
+                self._add_to_counter(counter(kind, name), len(dropped))
+                self._add_to_counter(kind, len(dropped))
+            if variant == "data":
+                self._note_gap(name, [timestamp for _, timestamp in dropped])
+        self._add_to_counter(counter("released", name), len(released))
+        self._delete_released(released)
+
+    def _note_gap(self, name: str, timestamps: list[float]) -> None:
+        first = int(min(timestamps) * 1000)
+        last = int(max(timestamps) * 1000)
+        count = self._add_to_counter(counter("gap_count", name), len(timestamps))
+        if count == len(timestamps):  # a new gap
+            self._set_counter(counter("gap_first_ms", name), first)
+            self._set_counter(counter("gap_last_ms", name), last)
+            return
+        self._set_counter(
+            counter("gap_first_ms", name),
+            min(first, self._read_counter(counter("gap_first_ms", name))),
+        )
+        self._set_counter(
+            counter("gap_last_ms", name),
+            max(last, self._read_counter(counter("gap_last_ms", name))),
+        )
+
+    def _delete_released(self, row_ids: Sequence[int]) -> None:
+        """Delete the rows among `row_ids` that no registered destination
+        keeps any more (archived already: callers flush first)."""
+        removed = 0
+        for start in range(0, len(row_ids), _SQLITE_MAX_PARAMETERS):
+            chunk = row_ids[start : start + _SQLITE_MAX_PARAMETERS]
+            removed += self.connection.execute(
+                f"DELETE FROM queue WHERE id IN ({','.join('?' * len(chunk))}) "  # noqa: S608
+                "AND (pending & ?) = 0",
+                (*chunk, self._live_mask),
+            ).rowcount
+        if removed:
+            self._add_to_counter("removed", removed)
+
+    def record_gap(
+        self, destination: str, gap_body: Callable[[int, float, float], MessageBody]
+    ) -> int:
+        """If `destination`'s cap dropped data since it last heard of it, queue
+        for it alone the record `gap_body(count, first, last)` (timestamps in
+        seconds) and forget the gap, in one transaction, so that the record is
+        sent exactly once; return the count (0: no gap). Called by a backend
+        once its broker acknowledges again."""
+        name = destination
+        count = self._read_counter(counter("gap_count", name))
+        if not count:
+            return 0
+        body = gap_body(
+            count,
+            self._read_counter(counter("gap_first_ms", name)) / 1000,
+            self._read_counter(counter("gap_last_ms", name)) / 1000,
+        )
+        with self._transaction():
+            if self._read_counter(counter("gap_count", name)) != count:
+                return 0  # another drop came in between: next time, with it
+            self._refresh_destinations()
+            row = (time.time(), body.variant, self.config_revision)
+            self.connection.execute(
+                "INSERT INTO queue (timestamp, variant, config_revision, body, pending) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    *row,
+                    body.__pydantic_serializer__.to_json(body).decode(),
+                    self._destination(name).mask,
+                ),
+            )
+            self._add_to_counter(counter("routed", name), 1)
+            for kind in ("gap_count", "gap_first_ms", "gap_last_ms"):
+                self._set_counter(counter(kind, name), 0)
+        return count
+
     # --- sending ----------------------------------------------------------------
 
     def get_oldest_rows(
-        self, n: int, excluded_message_ids: Iterable[int] = (), after_id: int = 0
+        self,
+        n: int,
+        excluded_message_ids: Iterable[int] = (),
+        after_id: int = 0,
+        destination: str | None = None,
+        stream: Stream | None = None,
+        up_to: int | None = None,
     ) -> list[QueueRow]:
-        """The `n` oldest queued rows (FIFO) with an id above `after_id` that is
-        not excluded, e.g. because they are already in flight. Walks the primary
-        key, so the cost depends on `n` and on how many excluded rows it passes,
-        not on the queue length. Called by the backend's drain loop."""
+        """The `n` oldest queued rows (FIFO) with an id above `after_id` (and
+        at most `up_to`) that is not excluded, e.g. because they are already in
+        flight; of one destination (the rows it still has to get), and of one
+        of its streams (its logs and config answers, or its data), if given.
+        Walks the primary key (the partial index for the logs and answers), so
+        the cost depends on `n` and on how many rows it passes, not on the queue
+        length. Called by the backend's drain loop and `ivy queue`."""
         excluded = set(excluded_message_ids)
+        bit = self._destination(destination).mask if destination is not None else -1
         result: list[QueueRow] = []
         cursor_id = after_id
+        query = (
+            f"SELECT {_ROW_COLUMNS} FROM queue WHERE id > ? AND id <= ? "  # noqa: S608
+            f"AND (pending & ?) != 0 {_STREAM_FILTER[stream]} ORDER BY id LIMIT ?"
+        )
+        last = up_to if up_to is not None else 2**63 - 1
         while len(result) < n:
             chunk = self.connection.execute(
-                f"SELECT {_ROW_COLUMNS} FROM queue WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608
-                (cursor_id, n - len(result) + min(len(excluded), 1_000)),
+                query, (cursor_id, last, bit, n - len(result) + min(len(excluded), 1_000))
             ).fetchall()
             if not chunk:
                 break
@@ -352,57 +627,135 @@ class MessagingAgent:
         ]
 
     def remove_messages(self, message_ids: Iterable[int]) -> None:
-        """Delete rows whose delivery the broker has acknowledged (archiving them
-        first if the main loop has not yet). Called by the backend."""
-        message_ids = list(set(message_ids))
+        """Delete rows, whichever destination still waited for them (archiving
+        them first if the main loop has not yet): the reference API's removal,
+        for a station with one backend. Backends acknowledge with `acknowledge`."""
+        message_ids = sorted(set(message_ids))
         if not message_ids:
             return
         with self._transaction():
-            if max(message_ids) > self._read_counter("archived_up_to"):
+            self._refresh_destinations()
+            if message_ids[-1] > self._read_counter("archived_up_to"):
                 self._flush_archive_in_transaction()
             removed = 0
             for start in range(0, len(message_ids), _SQLITE_MAX_PARAMETERS):
                 chunk = message_ids[start : start + _SQLITE_MAX_PARAMETERS]
+                marks = ",".join("?" * len(chunk))
+                for destination in self.destinations.values():
+                    (released,) = self.connection.execute(
+                        f"SELECT count(*) FROM queue WHERE id IN ({marks}) "  # noqa: S608
+                        "AND (pending & ?) != 0",
+                        (*chunk, destination.mask),
+                    ).fetchone()
+                    if released:
+                        self._add_to_counter(counter("released", destination.name), released)
                 removed += self.connection.execute(
-                    f"DELETE FROM queue WHERE id IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                    f"DELETE FROM queue WHERE id IN ({marks})",  # noqa: S608
                     chunk,
                 ).rowcount
             self._add_to_counter("removed", removed)
 
-    def take_rows_to_send(
-        self, n: int, excluded_message_ids: Iterable[int] = (), after_id: int = 0
-    ) -> list[QueueRow]:
-        """`get_oldest_rows`, and the durable `sent_up_to` mark moved past them
-        in the same write transaction: from now on they may reach the broker, so
-        the size cap leaves them alone until they are acknowledged. Read and
-        mark are one transaction because a producer's cap could otherwise drop
-        a row between them that then goes out anyway, counted as dropped (one
-        in the 30-minute soak). Called by the backend's drain loop."""
+    def acknowledge(self, destination: str, message_ids: Iterable[int]) -> None:
+        """`destination`'s broker acknowledged these rows: release them for it;
+        rows no other destination keeps leave the queue (archived first if the
+        main loop has not archived them yet). Called by the backend."""
+        message_ids = sorted(set(message_ids))
+        if not message_ids:
+            return
         with self._transaction():
-            rows = self.get_oldest_rows(n, excluded_message_ids, after_id)
-            if rows and rows[-1].id > self._sent_up_to_seen:
+            self._refresh_destinations()
+            bit = self._destination(destination).mask
+            if message_ids[-1] > self._read_counter("archived_up_to"):
+                self._flush_archive_in_transaction()
+            released = 0
+            for start in range(0, len(message_ids), _SQLITE_MAX_PARAMETERS):
+                chunk = message_ids[start : start + _SQLITE_MAX_PARAMETERS]
+                released += self.connection.execute(
+                    f"UPDATE queue SET pending = pending & ~? "  # noqa: S608
+                    f"WHERE id IN ({','.join('?' * len(chunk))}) AND (pending & ?) != 0",
+                    (bit, *chunk, bit),
+                ).rowcount
+            self._add_to_counter(counter("released", destination), released)
+            self._delete_released(message_ids)
+
+    def take_rows_to_send(
+        self,
+        n: int,
+        excluded_message_ids: Iterable[int] = (),
+        after_id: int = 0,
+        destination: str | None = None,
+        stream: Stream | None = None,
+        up_to: int | None = None,
+    ) -> list[QueueRow]:
+        """`get_oldest_rows`, and the durable mark of how far they may be in
+        flight moved past them in the same write transaction (`sent_up_to`, or
+        the destination's mark of its stream): from now on they may reach the
+        broker, so the size cap leaves them alone until they are acknowledged.
+        Read and mark are one transaction because a producer's cap could
+        otherwise drop a row between them that then goes out anyway, counted as
+        dropped (one in the 30-minute soak). Called by the backend's drain loop."""
+        if destination is None:
+            mark = "sent_up_to"
+        else:
+            mark = counter(_STREAM_MARK[stream or "data"], destination)
+        with self._transaction():
+            self._refresh_destinations()
+            rows = self.get_oldest_rows(
+                n, excluded_message_ids, after_id, destination, stream, up_to
+            )
+            if rows and rows[-1].id > self._sent_up_to_seen.get(mark, 0):
                 self.connection.execute(
-                    "INSERT INTO counters (name, value) VALUES ('sent_up_to', ?) "
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
-                    (rows[-1].id,),
+                    (mark, rows[-1].id),
                 )
         if rows:
-            self._sent_up_to_seen = max(self._sent_up_to_seen, rows[-1].id)
+            self._sent_up_to_seen[mark] = max(self._sent_up_to_seen.get(mark, 0), rows[-1].id)
         return rows
+
+    def begin_live_catch_up(self, destination: str) -> int:
+        """Newest-first catch-up: the data measured from now on (above the
+        returned id) go before the backlog at or below it; the cap leaves what
+        is in flight of either alone. Called by a backend that has a backlog."""
+        with self._transaction():
+            (newest,) = self.connection.execute("SELECT coalesce(max(id), 0) FROM queue").fetchone()
+            self._set_counter(counter("live_from", destination), int(newest))
+            self._set_counter(counter("live_sent_up_to", destination), int(newest))
+        self._sent_up_to_seen[counter("live_sent_up_to", destination)] = int(newest)
+        return int(newest)
+
+    def end_live_catch_up(self, destination: str) -> None:
+        """The backlog is out: the live data's mark becomes the data mark again."""
+        with self._transaction():
+            live_sent = self._read_counter(counter("live_sent_up_to", destination))
+            self.connection.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                (counter("sent_up_to", destination), live_sent),
+            )
+            self._set_counter(counter("live_from", destination), 0)
 
     # --- inspecting -------------------------------------------------------------
 
-    def get_queue_depth(self) -> int:
-        """Number of queued (unacknowledged) messages. Called by `ivy status`."""
+    def get_queue_depth(self, destination: str | None = None) -> int:
+        """Number of queued messages: all of them, or those `destination` has
+        still to get. Called by `ivy status` and the backends."""
+        if destination is not None:
+            return self._read_counter(counter("routed", destination)) - self._read_counter(
+                counter("released", destination)
+            )
         row = self.connection.execute(
             "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0)"
         ).fetchone()
         return int(row[0]) - self._read_counter("removed")
 
-    def get_dropped_count(self, variant: str | None = None) -> int:
-        """Messages (of one variant, or all) dropped by the size cap since the
-        queue was created. Called by the main loop (to log new drops) and `ivy status`."""
-        return self._read_counter("dropped" if variant is None else f"dropped_{variant}")
+    def get_dropped_count(self, variant: str | None = None, destination: str | None = None) -> int:
+        """Messages (of one variant, or all) dropped by a size cap since the
+        queue was created: for `destination`, exactly those it never got; else
+        the drops of every destination together (of the station's own cap,
+        without one). Called by the main loop (to log new drops) and `ivy status`."""
+        name = "dropped" if variant is None else f"dropped_{variant}"
+        return self._read_counter(name if destination is None else counter(name, destination))
 
     def count_poisoned(self, count: int) -> None:
         """Record rows that the broker would not take as they were (sent as an
@@ -420,10 +773,16 @@ class MessagingAgent:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def get_oldest_message_age(self, now: float | None = None) -> float | None:
-        """Seconds since the oldest queued message was produced, or None when the
-        queue is empty. Called by `ivy status`."""
-        row = self.connection.execute("SELECT timestamp FROM queue ORDER BY id LIMIT 1").fetchone()
+    def get_oldest_message_age(
+        self, now: float | None = None, destination: str | None = None
+    ) -> float | None:
+        """Seconds since the oldest queued message (that `destination` still
+        has to get) was produced, or None when there is none. Called by `ivy
+        status`."""
+        bit = self._destination(destination).mask if destination is not None else -1
+        row = self.connection.execute(
+            "SELECT timestamp FROM queue WHERE (pending & ?) != 0 ORDER BY id LIMIT 1", (bit,)
+        ).fetchone()
         if row is None:
             return None
         return (time.time() if now is None else now) - float(row[0])

@@ -10,8 +10,10 @@ import psutil
 
 from src import constants
 from src.types import Config, ConfigError
+from src.types.config import LEGACY_DESTINATION
 from src.types.status import (
     ConfigStatus,
+    DestinationStatus,
     DiskStatus,
     MainloopStatus,
     QueueStatus,
@@ -33,6 +35,7 @@ def collect_status() -> StationStatus:
     now = time.time()
     pid = mainloop_toggle.get_mainloop_pid()
     running = pid is not None
+    destinations: dict[str, DestinationStatus] = {}
     try:
         config = Config.load()
         config_status = ConfigStatus(
@@ -52,6 +55,18 @@ def collect_status() -> StationStatus:
             dropped=agent.get_dropped_count(),
             poisoned=agent.get_poisoned_count(),
         )
+        if config_status.valid:
+            for name, section in config.destinations().items():
+                registered = name in agent.destinations
+                destinations[name] = DestinationStatus(
+                    provider=section.provider,
+                    connection=state.destinations.get(name) if running else None,
+                    backlog=agent.get_queue_depth(name) if registered else 0,
+                    oldest_age_seconds=(
+                        agent.get_oldest_message_age(now, name) if registered else None
+                    ),
+                    dropped=agent.get_dropped_count(destination=name) if registered else 0,
+                )
     finally:
         agent.close()
     disk = psutil.disk_usage(constants.DATA_DIR)
@@ -72,6 +87,7 @@ def collect_status() -> StationStatus:
         backend_connection=state.backend_connection
         if (running and config_status.backend and state.backend_connection is not None)
         else None,
+        destinations=destinations,
         queue=queue,
         disk=DiskStatus(free_gb=disk.free / 1e9, used_percent=disk.percent),
         update=state.update_in_progress if running else None,
@@ -108,15 +124,21 @@ def health_problems(
         elif not process.alive and now - (process.last_error_at or 0) > _RESTART_GRACE:
             # a child that just died is being restarted: only a stuck one counts
             problems.append(f"{name} is not alive ({process.last_error or 'no error recorded'})")
-    connection = status.backend_connection
-    if connection is not None and not connection.connected:
-        down_for = now - (connection.since or now)
-        if down_for > max_disconnected_seconds:
-            problems.append(
-                f"the backend has been disconnected for {down_for:.0f} s ({connection.detail})"
+    for name, destination in status.destinations.items():
+        which = "the backend" if name == LEGACY_DESTINATION else f"destination {name}"
+        connection = destination.connection
+        if connection is not None and not connection.connected:
+            down_for = now - (connection.since or now)
+            if down_for > max_disconnected_seconds:
+                problems.append(
+                    f"{which} has been disconnected for {down_for:.0f} s ({connection.detail})"
+                )
+        age = destination.oldest_age_seconds
+        if age is not None and age > max_queue_age_seconds:
+            unsent = (
+                "the oldest unsent message"
+                if name == LEGACY_DESTINATION
+                else (f"the oldest message destination {name} has not got")
             )
-    age = status.queue.oldest_age_seconds
-    has_backend = bool(status.config.backend)  # without one, the queue only grows
-    if has_backend and age is not None and age > max_queue_age_seconds:
-        problems.append(f"the oldest unsent message is {age:.0f} s old")
+            problems.append(f"{unsent} is {age:.0f} s old")
     return problems

@@ -34,11 +34,6 @@ def _end_trial_record() -> None:
         pass
 
 
-def has_backend(config: Config) -> bool:
-    """Whether `config` runs a backend, so that a trial needs the broker."""
-    return config.backend is not None
-
-
 @dataclass
 class ConfigTrial:
     """A config of this version applied and not yet proven healthy."""
@@ -55,7 +50,7 @@ class ConfigTrial:
         the new ones start, so that their reports can be told from their
         predecessors'."""
         self.health = HealthWatch(
-            StateInterface.load(), self.settings.stable_seconds, has_backend(config)
+            StateInterface.load(), self.settings.stable_seconds, list(config.destinations())
         )
         self.started_monotonic = time.monotonic()
 

@@ -93,6 +93,10 @@ class UpdateCoordinator:
             self.restarting = None
             self.trial.watch(self.config)
 
+    def on_trial(self) -> bool:
+        """Whether a config is on trial (or about to be, its children starting)."""
+        return self.trial is not None or self.restarting is not None
+
     def sentinels(self) -> list[int]:
         """What the main loop waits on besides its children (the worker)."""
         return [self.job.sentinel()] if self.job is not None else []

@@ -5,9 +5,9 @@ and the backend write:
 - the main loop has written a heartbeat since the change, and recently;
 - every procedure and the backend is alive, has not restarted since the
   change, and has run for `stable_seconds`;
-- with a backend configured, it is connected and the broker has acknowledged
-  a message since the change (the new main loop's startup message, or the
-  config's own acknowledgement).
+- every destination (backend) configured is connected and its broker has
+  acknowledged a message since the change (the new main loop's startup
+  message, or the config's own acknowledgement).
 
 "Since the change" means: different from the state read just before the
 change. "Recently" and "has run for" are measured on this process's monotonic
@@ -22,8 +22,11 @@ trial's deadline. Used by the main loop (config trials) and by the guard
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from src.types import State
+from src.types.config import LEGACY_DESTINATION, destination_process_name
+from src.types.state import BackendConnectionState
 
 # the main loop writes one every 10 s; three missed ones mean it hangs
 HEARTBEAT_STALE_SECONDS = 35.0
@@ -43,11 +46,12 @@ class HealthWatch:
     new state. Created and polled by the main loop (config trials) and by the
     guard (version trials)."""
 
-    def __init__(self, before: State, stable_seconds: float, needs_broker: bool) -> None:
-        """Judge against `before`, the state just before the change."""
+    def __init__(self, before: State, stable_seconds: float, destinations: Sequence[str]) -> None:
+        """Judge against `before`, the state just before the change, with the
+        destinations (by name) the changed config has."""
         self.before = before
         self.stable_seconds = stable_seconds
-        self.needs_broker = needs_broker
+        self.destinations = list(destinations)
         self._heartbeat: tuple[float, float] | None = None  # value, monotonic when first seen
         self._running_since: dict[tuple[str, float], float] = {}  # (name, started_at) -> seen
 
@@ -72,20 +76,26 @@ class HealthWatch:
         fatal = fatal_problem(state)
         if fatal is not None:
             return fatal
-        if self.needs_broker and "backend" not in state.processes:
-            return "the backend has not started"
+        for destination in self.destinations:
+            if destination_process_name(destination) not in state.processes:
+                return f"{_backend_of(destination)} has not started"
         for name, process in sorted(state.processes.items()):
             if not process.alive:
                 return f"{name} is not running ({process.last_error or 'no error recorded'})"
             if process.restarts > 0:
                 return f"{name} restarted {process.restarts} time(s): {process.last_error}"
-        connection = state.backend_connection
-        before = self.before.backend_connection
-        # a report the state held before the change is the previous backend's
-        fresh = connection is not None and (before is None or connection.since != before.since)
-        if self.needs_broker and (connection is None or not fresh or not connection.connected):
-            detail = connection.detail if (connection is not None and fresh) else "no report since"
-            return f"the backend is not connected to the broker ({detail})"
+        for destination in self.destinations:
+            connection, before = (
+                _connection(state, destination),
+                _connection(self.before, destination),
+            )
+            # a report the state held before the change is the previous backend's
+            fresh = connection is not None and (before is None or connection.since != before.since)
+            if connection is None or not fresh or not connection.connected:
+                detail = (
+                    connection.detail if (connection is not None and fresh) else "no report since"
+                )
+                return f"{_backend_of(destination)} is not connected to the broker ({detail})"
         for name, process in sorted(state.processes.items()):
             previous = self.before.processes.get(name)
             started = process.started_at
@@ -93,10 +103,34 @@ class HealthWatch:
                 return f"{name} has not started since the change"
             if now - self._running_since[(name, started)] < self.stable_seconds:
                 return f"{name} has not run for {self.stable_seconds:.0f} s yet"
-        if self.needs_broker and connection is not None:
-            acknowledged = connection.last_acknowledgment
+        for destination in self.destinations:
+            connection, before = (
+                _connection(state, destination),
+                _connection(self.before, destination),
+            )
+            acknowledged = connection.last_acknowledgment if connection is not None else None
             if acknowledged is None or (
                 before is not None and acknowledged == before.last_acknowledgment
             ):
-                return "the broker has not acknowledged a message since the change"
+                broker = (
+                    "the broker"
+                    if destination == LEGACY_DESTINATION
+                    else f"the broker of destination {destination}"
+                )
+                return f"{broker} has not acknowledged a message since the change"
         return None
+
+
+def _backend_of(destination: str) -> str:
+    if destination == LEGACY_DESTINATION:
+        return "the backend"
+    return f"the backend of destination {destination}"
+
+
+def _connection(state: State, destination: str) -> BackendConnectionState | None:
+    """A destination's connection report; the `backend` one also where
+    versions before destinations wrote it."""
+    found = state.destinations.get(destination)
+    if found is None and destination == LEGACY_DESTINATION:
+        return state.backend_connection
+    return found

@@ -32,7 +32,7 @@ import tum_esm_utils.validators
 
 from src import constants
 from src.types import ConfigMessageBody, ForeignConfig
-from src.types.config import TrialConfig, secret_values
+from src.types.config import LEGACY_DESTINATION, TrialConfig, secret_values
 
 from ..logger import Logger
 from ..messaging_agent import MessagingAgent
@@ -204,7 +204,7 @@ class Guard:
         health = HealthWatch(
             StateInterface.load(),
             candidate.stable_seconds,
-            _candidate_config(candidate.version).get("backend") is not None,
+            destinations_of(_candidate_config(candidate.version)),
         )
         started_monotonic = time.monotonic()  # the deadline: immune to clock steps
         with open(candidate_output_path(candidate.version), "ab") as output:
@@ -264,6 +264,13 @@ class Guard:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(30)
+
+
+def destinations_of(raw_config: dict[str, Any]) -> list[str]:
+    """The destinations a raw config (of any version) names."""
+    found = [LEGACY_DESTINATION] if raw_config.get("backend") is not None else []
+    backends = raw_config.get("backends")
+    return found + (list(backends) if isinstance(backends, dict) else [])
 
 
 def _rollback_requested() -> bool:

@@ -1,0 +1,149 @@
+"""Several destinations drain the one queue, each through its own bit in every
+row: routing by variant, acknowledgement per destination, a row leaving only
+when no destination keeps it, a cap and exact drop count per destination that
+never touches another's rows, gap records, and destinations coming and going.
+Real SQLite files; every test counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from src.types import DataMessageBody, LogMessageBody
+from src.utils.messaging_agent import MessagingAgent, QueueRow
+
+pytestmark = pytest.mark.quick
+
+ALL = frozenset({"data", "log", "config"})
+
+
+def data(i: int) -> DataMessageBody:
+    return DataMessageBody(data={"i": i})
+
+
+def ids(rows: list[QueueRow]) -> list[int]:
+    return [row.id for row in rows]
+
+
+def test_rows_go_to_the_destinations_of_their_variant_and_leave_when_all_have_them() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"tenta": (ALL, 1_000), "monitor": (frozenset({"data"}), 1_000)})
+    agent.add_messages([data(1), LogMessageBody(level="ERROR", subject="s", body="")])
+    data_row, log_row = ids(agent.get_oldest_rows(10))
+    assert ids(agent.take_rows_to_send(10, destination="tenta", stream="priority")) == [log_row]
+    assert ids(agent.take_rows_to_send(10, destination="tenta", stream="data")) == [data_row]
+    assert ids(agent.take_rows_to_send(10, destination="monitor", stream="priority")) == []
+    assert ids(agent.take_rows_to_send(10, destination="monitor", stream="data")) == [data_row]
+    assert (agent.get_queue_depth("tenta"), agent.get_queue_depth("monitor")) == (2, 1)
+    agent.acknowledge("tenta", [data_row, log_row])
+    assert agent.get_queue_depth() == 1  # the data row waits for monitor
+    assert (agent.get_queue_depth("tenta"), agent.get_queue_depth("monitor")) == (0, 1)
+    agent.acknowledge("monitor", [data_row])
+    assert agent.get_queue_depth() == 0
+    assert agent.flush_archive() == 0  # archived before they left
+
+
+def test_a_destination_that_is_down_keeps_only_its_own_cap_and_counts_exactly_what_it_lost() -> (
+    None
+):
+    agent = MessagingAgent()
+    agent.sync_destinations({"down": (ALL, 1_000), "up": (ALL, 2_000)})
+    produced = 0
+    for _ in range(50):
+        agent.add_messages([data(produced + i) for i in range(100)])
+        produced += 100
+        rows = agent.take_rows_to_send(1_000, destination="up", stream="data")
+        agent.acknowledge("up", ids(rows))
+    assert agent.get_queue_depth("up") == 0 and agent.get_dropped_count(destination="up") == 0
+    kept = agent.get_queue_depth("down")
+    dropped = agent.get_dropped_count(destination="down")
+    assert kept <= 1_000 and kept + dropped == produced
+    assert agent.get_queue_depth() == kept  # bounded by the largest cap, not the sum
+    # oldest first: what is left for `down` is the newest
+    left = [int(r.body.split('"i":')[1].rstrip("}")) for r in agent.get_oldest_rows(5_000)]
+    assert left == list(range(produced - kept, produced))
+
+
+def test_the_cap_never_drops_a_row_that_may_be_in_flight() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"slow": (ALL, 1_000)})
+    agent.add_messages([data(i) for i in range(500)])
+    in_flight = ids(agent.take_rows_to_send(500, destination="slow", stream="data"))
+    agent.add_messages([data(i) for i in range(500, 2_000)])
+    remaining = set(ids(agent.get_oldest_rows(5_000, destination="slow")))
+    assert set(in_flight) <= remaining
+    assert agent.get_dropped_count(destination="slow") + len(remaining) == 2_000
+    agent.acknowledge("slow", in_flight)
+    assert agent.get_queue_depth("slow") + agent.get_dropped_count(destination="slow") == 1_500
+
+
+def test_a_gap_record_names_what_the_cap_dropped_and_is_queued_once() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 1_000), "b": (ALL, 100_000)})
+    for batch in range(30):
+        agent.add_messages([data(i) for i in range(100)], timestamp=1_000_000.0 + batch)
+    dropped = agent.get_dropped_count(destination="a")
+    assert dropped > 0
+
+    def record(count: int, first: float, last: float) -> LogMessageBody:
+        return LogMessageBody(level="WARNING", subject=f"gap {count} {first} {last}", body="")
+
+    assert agent.record_gap("a", record) == dropped
+    assert agent.record_gap("a", record) == 0
+    assert agent.record_gap("b", record) == 0
+    gap_rows = [r for r in agent.get_oldest_rows(100_000, destination="a") if r.variant == "log"]
+    assert len(gap_rows) == 1 and f"gap {dropped} 1000000.0" in gap_rows[0].body
+    assert [r for r in agent.get_oldest_rows(100_000, destination="b") if r.variant == "log"] == []
+
+
+def test_removing_a_destination_releases_what_only_it_kept() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 10_000), "b": (ALL, 10_000)})
+    agent.add_messages([data(i) for i in range(10)])
+    agent.acknowledge("b", ids(agent.take_rows_to_send(10, destination="b", stream="data")))
+    assert agent.get_queue_depth() == 10  # kept for a
+    agent.sync_destinations({"b": (ALL, 10_000)})
+    assert agent.get_queue_depth() == 0 and agent.get_queue_depth("a") == 0
+    agent.add_messages([data(10)])
+    assert agent.get_queue_depth("b") == 1
+
+
+def test_what_waited_goes_to_the_first_destinations_and_a_later_one_starts_empty() -> None:
+    agent = MessagingAgent()
+    agent.add_messages([data(i) for i in range(5)])  # no backend yet
+    agent.sync_destinations({"first": (ALL, 10_000)})
+    assert agent.get_queue_depth("first") == 5
+    agent.sync_destinations({"first": (ALL, 10_000), "later": (ALL, 10_000)})
+    assert agent.get_queue_depth("later") == 0
+    agent.add_messages([data(5)])
+    assert (agent.get_queue_depth("first"), agent.get_queue_depth("later")) == (6, 1)
+
+
+def test_rows_an_older_version_writes_go_to_every_destination() -> None:
+    """After going back to a version before destinations, its inserts name no
+    `pending`: the column's default sends them everywhere."""
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 10_000), "b": (ALL, 10_000)})
+    agent.connection.execute(
+        "INSERT INTO queue (timestamp, variant, config_revision, body) "
+        """VALUES (1.0, 'data', 0, '{"variant":"data","data":{"x":1}}')"""
+    )
+    assert len(agent.get_oldest_rows(10, destination="a")) == 1
+    assert len(agent.get_oldest_rows(10, destination="b")) == 1
+
+
+def test_the_reference_apis_removal_releases_for_everyone() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 10_000), "b": (ALL, 10_000)})
+    agent.add_messages([data(i) for i in range(4)])
+    agent.remove_messages(ids(agent.get_oldest_rows(2)))
+    assert agent.get_queue_depth() == 2
+    assert agent.get_queue_depth("a") == agent.get_queue_depth("b") == 2
+
+
+def test_a_destination_settings_change_keeps_its_rows_and_counters() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 10_000)})
+    agent.add_messages([data(i) for i in range(3)])
+    agent.sync_destinations({"a": (frozenset({"data"}), 5_000)})
+    assert agent.get_queue_depth("a") == 3
+    assert agent.destinations["a"].max_queued == 5_000
