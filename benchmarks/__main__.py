@@ -14,12 +14,14 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import drain, enqueue, export, footprint, trust, update
+    from . import destinations, drain, enqueue, export, footprint, trust, update
 
     return {
         "enqueue": enqueue.run,
         "drain": drain.run_drain,
         "backlog": drain.run_backlog,
+        "destinations": destinations.run_destinations,
+        "reconnect": destinations.run_reconnect,
         "export": export.run,
         "update": update.run,
         "trust": trust.run,

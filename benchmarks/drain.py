@@ -112,16 +112,17 @@ def _drain_with_ivy(
         process.wait(timeout=60)
     if samples[-1][1] != 0:
         raise RuntimeError(f"the backend left {samples[-1][1]} of {total} messages")
-    connected_at = _connection_time(directory)
+    connected_at = connection_time(directory)
     return [(connected_at, total)] + [s for s in samples if s[0] > connected_at], peak_rss / 1e6
 
 
-def _connection_time(directory: str) -> float:
-    """When the backend logged "MQTT connected" (its log lines carry UTC times)."""
+def connection_time(directory: str, process: str = "backend") -> float:
+    """When the backend process `process` logged "MQTT connected" (its log
+    lines carry UTC times). Used by the drain and destinations benchmarks."""
     for name in sorted(os.listdir(os.path.join(directory, "logs"))):
         with open(os.path.join(directory, "logs", name)) as f:
             for line in f:
-                if " - MQTT connected to " in line:
+                if f" - {process} - INFO - MQTT connected to " in line:
                     stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
                     return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
     raise RuntimeError("the backend never logged its connection")

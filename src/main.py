@@ -93,14 +93,9 @@ class Mainloop:
         released, its rows no longer kept for it, only once the config that
         dropped it is accepted: a config rolled back brings it back with its
         rows. Called before the children start, and when a trial ends."""
-        storage_cap = self.config.storage.max_queued_messages
         on_trial = self.updater.on_trial()
         self.messaging_agent.sync_destinations(
-            {
-                name: (frozenset(section.variants), section.max_queued_messages or storage_cap)
-                for name, section in self.config.destinations().items()
-            },
-            release_others=not on_trial,
+            self.config.destination_routes(), release_others=not on_trial
         )
         self.destinations_pending_release = on_trial
 

@@ -81,10 +81,16 @@ def data_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point every data path of `src.constants` into this test's temporary dir."""
     directory = str(tmp_path / "data")
     os.makedirs(directory)
-    for name, relative in _DATA_PATH_CONSTANTS.items():
-        monkeypatch.setattr(constants, name, os.path.join(directory, relative).rstrip("/"))
+    point_data_paths_at(monkeypatch, directory)
     monkeypatch.setattr(constants, "CONFIG_PATH", str(tmp_path / "config.json"))
     return directory
+
+
+def point_data_paths_at(monkeypatch: pytest.MonkeyPatch, directory: str) -> None:
+    """Make this test process use `directory` as its data directory (a
+    station's, to queue messages into it as its procedures do)."""
+    for name, relative in _DATA_PATH_CONSTANTS.items():
+        monkeypatch.setattr(constants, name, os.path.join(directory, relative).rstrip("/"))
 
 
 def template_config_dict() -> dict[str, Any]:
@@ -204,18 +210,28 @@ def station(tmp_path: Any) -> Iterator[Station]:
 
 
 class BackendProcess:
-    """`python -m src.backend` in its own process, on this test's data dir."""
+    """`python -m src.backend` in its own process, on this test's data dir
+    (the config's first destination, or `destination`)."""
 
-    def __init__(self, data_dir: str, config: dict[str, Any]) -> None:
-        self.config_path = os.path.join(data_dir, "backend-config.json")
+    def __init__(
+        self, data_dir: str, config: dict[str, Any], destination: str | None = None
+    ) -> None:
+        self.config_path = os.path.join(data_dir, f"backend-config-{destination}.json")
         with open(self.config_path, "w") as f:
             json.dump(config, f)
+        self.destination = destination
         self.env = {**os.environ, "IVY_DATA_DIR": data_dir}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "src.backend", self.config_path],
+            [
+                sys.executable,
+                "-m",
+                "src.backend",
+                self.config_path,
+                *([self.destination] if self.destination else []),
+            ],
             env=self.env,
             cwd=PROJECT_DIR,
             stdout=subprocess.DEVNULL,

@@ -23,17 +23,27 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .broker import ChaosBroker, wait_for
 from .observers import Recorder, Sampler
-from .report import build_report
-from .station import BACKEND_LONGEST_BACKOFF_S, PRODUCERS, STATION_IDENTIFIER, ChaosStation
+from .report import build_report, read_records
+from .station import (
+    BACKEND_LONGEST_BACKOFF_S,
+    FAILOVER_PROBE_S,
+    PRODUCERS,
+    STATION_IDENTIFIER,
+    TENTA_DESTINATION,
+    THINGSBOARD_DESTINATION,
+    ChaosStation,
+)
 
 # Paho's longest reconnect delay in the backend (src/backend/mqtt_connection.py)
 RECOVERY_TIMEOUT_S = 90
 BROKER_FAULTS = ("broker_blip", "broker_outage", "broker_amnesia", "queue_cap")
+# faults that run in the background while the station works on
+BACKGROUND_FAULTS = (*BROKER_FAULTS, "failover", "second_destination_outage")
 FAULT_KINDS = (
     "kill_procedure",
     "kill_backend",
     "kill_main",
-    *BROKER_FAULTS,
+    *BACKGROUND_FAULTS,
     "corrupt_state",
     "truncated_archive",
     "full_disk",
@@ -61,13 +71,17 @@ class Run:
 
     settings: Settings
     station: ChaosStation
-    broker: ChaosBroker
-    recorder: Recorder
+    broker: ChaosBroker  # the Tenta destination's primary address
+    failover_broker: ChaosBroker  # its failover address
+    monitoring_broker: ChaosBroker  # the ThingsBoard destination's
+    recorder: Recorder  # Tenta, on the primary and the failover broker
+    monitoring_recorder: Recorder
     sampler: Sampler
     rng: random.Random
     started: float = field(default_factory=time.monotonic)
     events: list[dict[str, Any]] = field(default_factory=list)
-    outages: list[dict[str, Any]] = field(default_factory=list)
+    outages: list[dict[str, Any]] = field(default_factory=list)  # each names its destination
+    failovers: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     broker_thread: threading.Thread | None = None
 
@@ -87,12 +101,12 @@ def _producers_progress(station: ChaosStation) -> list[int]:
 
 
 def wait_recovered(run: Run) -> float:
-    """Seconds until the main loop, the backend and both producers run again
+    """Seconds until the main loop, both backends and both producers run again
     and each producer has recorded new messages; a problem when they do not
     within RECOVERY_TIMEOUT_S."""
     began = time.monotonic()
     before = _producers_progress(run.station)
-    expected = {"main", "backend", *PRODUCERS}
+    expected = {"main", "backend", f"backend:{THINGSBOARD_DESTINATION}", *PRODUCERS}
 
     def recovered() -> bool:
         roles = run.station.processes()
@@ -133,53 +147,163 @@ def kill_main(run: Run) -> dict[str, Any]:
     return killed
 
 
-def _broker_down(run: Run, kind: str, seconds: float, amnesia: bool) -> None:
+def _broker_down(run: Run, kind: str, seconds: float) -> None:
+    """The Tenta destination's broker service is down: its primary and its
+    failover address (amnesia: only the primary restarts, without its
+    persistence, while the failover address stays up)."""
     down = run.at()
-    run.broker.stop()
+    amnesia = kind == "broker_amnesia"
+    stopped = [run.broker] if amnesia else [run.broker, run.failover_broker]
+    for broker in stopped:
+        broker.stop()
     time.sleep(seconds)
     if amnesia:
         count = run.recorder.subscription_count()
         run.broker.restart_without_persistence(lambda: run.recorder.subscription_count() > count)
     else:
-        run.broker.start()
-    back = time.monotonic()
+        for broker in stopped:
+            broker.start()
     run.outages.append(
-        {"kind": kind, "down_at_s": down, "seconds": round(seconds, 1), "back": back}
+        {
+            "kind": kind,
+            "destination": TENTA_DESTINATION,
+            "down_at_s": down,
+            "seconds": round(seconds, 1),
+            "back": time.monotonic(),
+        }
     )
 
 
-def broker_fault(run: Run, kind: str) -> dict[str, Any]:
-    """Stop the broker in the background (one outage at a time): a blip of a
-    few seconds, an outage longer than the backend's longest backoff, a
-    restart without persistence, or an outage long enough for the producers
-    to fill the queue past its cap."""
+def _monitoring_down(run: Run, seconds: float) -> None:
+    down = run.at()
+    run.monitoring_broker.stop()
+    time.sleep(seconds)
+    run.monitoring_broker.start()
+    run.outages.append(
+        {
+            "kind": "second_destination_outage",
+            "destination": THINGSBOARD_DESTINATION,
+            "down_at_s": down,
+            "seconds": round(seconds, 1),
+            "back": time.monotonic(),
+        }
+    )
+
+
+def _primary_down(run: Run, seconds: float) -> None:
+    """Stop only the Tenta destination's primary address: the backend must go
+    to the failover address, and back to the primary once it returns."""
+    primary = f"127.0.0.1:{run.broker.port}"
+    secondary = f"127.0.0.1:{run.failover_broker.port}"
+    began = time.monotonic()
+    run.broker.stop()
+    on_secondary_after: float | None = None
+    while time.monotonic() - began < seconds:
+        if on_secondary_after is None and run.station.address_in_use(TENTA_DESTINATION) == (
+            secondary
+        ):
+            on_secondary_after = round(time.monotonic() - began, 2)
+        time.sleep(0.1)
+    run.broker.start()
+    returned = time.monotonic()
+    try:
+        wait_for(
+            lambda: run.station.address_in_use(TENTA_DESTINATION) == primary,
+            RECOVERY_TIMEOUT_S,
+            "the Tenta backend to go back to its primary address",
+        )
+        back_after: float | None = round(time.monotonic() - returned, 2)
+    except RuntimeError as e:
+        run.problems.append(f"{run.at()} s: {e}")
+        back_after = None
+    if on_secondary_after is None:
+        run.problems.append(
+            f"{run.at()} s: the primary was down {seconds:.1f} s and the Tenta backend "
+            "never used its failover address"
+        )
+    run.failovers.append(
+        {
+            "primary_down_s": round(seconds, 1),
+            "on_failover_address_after_s": on_secondary_after,
+            "back_on_primary_after_s": back_after,
+        }
+    )
+
+
+def background_fault(run: Run, kind: str) -> dict[str, Any]:
+    """Start a broker fault in the background (one at a time): the Tenta
+    destination's broker service down for a blip of a few seconds, for longer
+    than the backend's longest backoff, restarted without persistence, or long
+    enough for the producers to fill the queue past its cap; only its primary
+    address down (failover and back); or the ThingsBoard destination's broker
+    down long enough to fill that destination's cap."""
+    cap_filled = 1.5 * run.settings.max_queued_messages / run.settings.messages_per_second
     seconds = {
         "broker_blip": run.rng.uniform(2, 6),
         "broker_outage": BACKEND_LONGEST_BACKOFF_S + run.rng.uniform(5, 10),
         "broker_amnesia": run.rng.uniform(2, 6),
-        "queue_cap": 1.5 * run.settings.max_queued_messages / run.settings.messages_per_second,
+        "queue_cap": cap_filled,
+        "failover": 4 * FAILOVER_PROBE_S + run.rng.uniform(4, 8),
+        "second_destination_outage": cap_filled,
     }[kind]
     wait_broker_up(run)
-    run.broker_thread = threading.Thread(
-        target=_broker_down, args=(run, kind, seconds, kind == "broker_amnesia"), daemon=True
-    )
+    if kind == "failover":
+        target = functools.partial(_primary_down, run, seconds)
+    elif kind == "second_destination_outage":
+        target = functools.partial(_monitoring_down, run, seconds)
+    else:
+        target = functools.partial(_broker_down, run, kind, seconds)
+    run.broker_thread = threading.Thread(target=target, daemon=True)
     run.broker_thread.start()
     return {"broker_down_s": round(seconds, 1)}
 
 
 def wait_broker_up(run: Run) -> None:
-    """Wait for a background outage to end and for the station to send its
-    backlog (so that the next outage's delivery delay is its own)."""
+    """Wait for a background fault to end and for each recorder to have got
+    everything produced before then that its destination's cap did not drop
+    (so that the next outage starts with the backlog delivered: the
+    oldest-first check tells outages apart by arrivals, and the next outage's
+    delivery delay is its own); then for the Tenta backend to be on its
+    primary address (where configs are published)."""
     if run.broker_thread is not None:
         run.broker_thread.join()
         run.broker_thread = None
-        steady = 2 * run.settings.messages_per_second + 100
-        with contextlib.suppress(RuntimeError):
+        ended = time.monotonic()
+        try:
             wait_for(
-                lambda: (run.station.queue_counts() or (0, 0))[0] <= steady,
+                lambda: _delivered_all_but_dropped(run, ended),
                 RECOVERY_TIMEOUT_S,
-                "the backlog to be sent",
+                "the backlog to reach the recorders",
             )
+        except RuntimeError as e:
+            run.problems.append(f"{run.at()} s: {e}")
+    primary = f"127.0.0.1:{run.broker.port}"
+    with contextlib.suppress(RuntimeError):
+        wait_for(
+            lambda: run.station.address_in_use(TENTA_DESTINATION) == primary,
+            RECOVERY_TIMEOUT_S,
+            "the Tenta backend on its primary address",
+        )
+
+
+def _delivered_all_but_dropped(run: Run, before: float) -> bool:
+    """Whether, for each destination, at most as many messages produced
+    before `before` (monotonic) are missing at its recorder as its cap has
+    dropped."""
+    counts = run.station.queue_counts()
+    if counts is None:
+        return False
+    dropped = counts[1]
+    produced = [key for key, at in read_records(run.station.record_dir)[0].items() if at < before]
+    for name, recorder in (
+        (TENTA_DESTINATION, run.recorder),
+        (THINGSBOARD_DESTINATION, run.monitoring_recorder),
+    ):
+        with recorder.lock:
+            missing = sum(1 for key in produced if key not in recorder.arrivals)
+        if missing > dropped[name]:
+            return False
+    return True
 
 
 def corrupt_state(run: Run) -> dict[str, Any]:
@@ -334,7 +458,7 @@ def _kill_procedure(run: Run) -> dict[str, Any]:
 
 
 def _kill_backend(run: Run) -> dict[str, Any]:
-    return kill_role(run, ["backend"])
+    return kill_role(run, ["backend", f"backend:{THINGSBOARD_DESTINATION}"])
 
 
 FAULTS: dict[str, Callable[[Run], dict[str, Any]]] = {
@@ -346,7 +470,7 @@ FAULTS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "full_disk": full_disk,
     "config_burst": config_burst,
     "clock_steps": clock_steps,
-    **{kind: functools.partial(broker_fault, kind=kind) for kind in BROKER_FAULTS},
+    **{kind: functools.partial(background_fault, kind=kind) for kind in BACKGROUND_FAULTS},
 }
 
 
@@ -359,7 +483,7 @@ def _inject(run: Run, kind: str) -> None:
         details = {"error": f"{type(e).__name__}: {e}"}
         run.problems.append(f"{at} s: {kind} failed: {e}")
     event = {"kind": kind, "at_s": at, "took_s": round(time.monotonic() - began, 2), **details}
-    if kind not in BROKER_FAULTS and "skipped" not in details:
+    if kind not in BACKGROUND_FAULTS and "skipped" not in details:
         event["recovered_after_s"] = wait_recovered(run)
     run.events.append(event)
     print(json.dumps(event), flush=True)
@@ -376,7 +500,7 @@ def _drain_and_stop(run: Run) -> None:
     run.station.write_config(quiet)
     run.station.start()
     try:
-        wait_for(lambda: (run.station.queue_counts() or (1, 0))[0] == 0, 300, "an empty queue")
+        wait_for(lambda: (run.station.queue_counts() or (1, {}))[0] == 0, 300, "an empty queue")
     except RuntimeError as e:
         run.problems.append(f"final drain: {e}")
     run.sampler.sample()
@@ -390,14 +514,20 @@ def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if scratch is None:
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="ivy-chaos-"))
-        broker = ChaosBroker(os.path.join(scratch, "broker"))
-        broker.start()
-        stack.callback(broker.stop)
-        recorder = Recorder(broker.recorder_port)
+        brokers = []
+        for name in ("broker", "failover-broker", "monitoring-broker"):
+            broker = ChaosBroker(os.path.join(scratch, name))
+            broker.start()
+            stack.callback(broker.stop)
+            brokers.append(broker)
+        primary, failover, monitoring = brokers
+        recorder = Recorder([primary.recorder_port, failover.recorder_port], "tenta")
         stack.callback(recorder.close)
+        monitoring_recorder = Recorder([monitoring.recorder_port], "thingsboard")
+        stack.callback(monitoring_recorder.close)
         station = ChaosStation(
             os.path.join(scratch, "station"),
-            broker.port,
+            (primary.port, failover.port, monitoring.port),
             settings.messages_per_second,
             settings.max_queued_messages,
             settings.data_tmpfs_mib,
@@ -410,7 +540,17 @@ def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
         stack.callback(_kill_everything, station)
         station.start()
         sampler = Sampler(station, settings.sample_interval_s)
-        run = Run(settings, station, broker, recorder, sampler, random.Random(settings.seed))
+        run = Run(
+            settings,
+            station,
+            primary,
+            failover,
+            monitoring,
+            recorder,
+            monitoring_recorder,
+            sampler,
+            random.Random(settings.seed),
+        )
         first_pass = list(settings.faults)
         run.rng.shuffle(first_pass)
         deadline = run.started + settings.duration_s
@@ -420,8 +560,24 @@ def run_chaos(settings: Settings, scratch: str | None = None) -> dict[str, Any]:
             _inject(run, kind)
         _drain_and_stop(run)
         samples = sampler.stop()
+        if kept:  # what each recorder saw, to look into a report afterwards
+            _save_arrivals(run, scratch)
         return build_report(run, samples)
     raise AssertionError("not reached")
+
+
+def _save_arrivals(run: Run, scratch: str) -> None:
+    """Write each recorder's first arrivals (incarnation seq monotonic_seconds),
+    and the outages with their monotonic times, into the kept scratch dir."""
+    for name, recorder in (
+        (TENTA_DESTINATION, run.recorder),
+        (THINGSBOARD_DESTINATION, run.monitoring_recorder),
+    ):
+        with recorder.lock, open(os.path.join(scratch, f"arrivals-{name}.txt"), "w") as f:
+            for (incarnation, seq), at in sorted(recorder.arrivals.items()):
+                f.write(f"{incarnation} {seq} {at:.3f}\n")
+    with open(os.path.join(scratch, "outages.json"), "w") as f:
+        json.dump(run.outages, f)
 
 
 def _kill_everything(station: ChaosStation) -> None:

@@ -1,16 +1,17 @@
-"""What watches the station from outside: an independent MQTT subscriber that
-records every producer message that reaches the broker (and runs every
-payload through the real servers' rules), and a sampler of the memory, open
+"""What watches the station from outside: an independent MQTT recorder per
+destination that records every producer message that reaches its brokers
+(and runs every payload through the real servers' rules), and a sampler of the memory, open
 files and queue of the station's processes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -21,45 +22,55 @@ from tests.server_rules import check_payload
 from .station import STATION_IDENTIFIER, ChaosStation
 
 Key = tuple[int, int]  # (incarnation, seq) of one producer message
+THINGSBOARD_TELEMETRY = "v1/devices/me/telemetry"
 
 
 class Recorder:
-    """A persistent-session QoS 1 subscriber to the station's Tenta topics."""
+    """Persistent-session QoS 1 subscribers to one destination's topics, one on
+    each broker address it may deliver to (a primary and its failover), that
+    record every producer message and config answer as one stream."""
 
-    def __init__(self, port: int) -> None:
-        """Connect to the broker's subscriber listener and wait until subscribed."""
+    def __init__(self, ports: list[int], protocol: Literal["tenta", "thingsboard"]) -> None:
+        """Connect to each broker's subscriber listener and wait until subscribed."""
+        self.protocol = protocol
         self.lock = threading.Lock()
         self.arrivals: dict[Key, float] = {}  # first arrival, monotonic seconds
         self.copies: Counter[Key] = Counter()
         self.acknowledgments: list[tuple[float, int, bool]] = []
         self.violations: list[str] = []
         self.subscriptions = 0
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id="chaos-recorder",
-            clean_session=False,
-        )
-        self.client.reconnect_delay_set(1, 1)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        if not self.subscribed.wait(20):
-            raise RuntimeError("the recorder could not subscribe")
+        self.clients: list[mqtt.Client] = []
+        for index, port in enumerate(ports):
+            subscribed = threading.Event()
+            client = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=f"chaos-recorder-{protocol}-{index}",
+                clean_session=False,
+            )
+            client.reconnect_delay_set(1, 1)
+            client.on_connect = self._on_connect
+            client.on_subscribe = functools.partial(self._on_subscribe, subscribed)
+            client.on_message = self._on_message
+            client.connect("127.0.0.1", port)
+            client.loop_start()
+            self.clients.append(client)
+            if not subscribed.wait(20):
+                raise RuntimeError(f"the {protocol} recorder could not subscribe on {port}")
 
     def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
         # every time: a broker that lost its persistence forgot the subscription
+        if self.protocol == "thingsboard":
+            client.subscribe([(THINGSBOARD_TELEMETRY, 1)])
+            return
         client.subscribe(
             [(f"{topic}/{STATION_IDENTIFIER}", 1) for topic in ("measurements", "logs")]
             + [(f"acknowledgments/{STATION_IDENTIFIER}", 1)]
         )
 
-    def _on_subscribe(self, *args: Any) -> None:
+    def _on_subscribe(self, subscribed: threading.Event, *args: Any) -> None:
         with self.lock:
             self.subscriptions += 1
-        self.subscribed.set()
+        subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
@@ -81,7 +92,7 @@ class Recorder:
                     self.acknowledgments.append(
                         (now, int(item.get("revision", -1)), bool(item.get("success")))
                     )
-                value = item.get("value")
+                value = item.get("values" if self.protocol == "thingsboard" else "value")
                 if isinstance(value, dict) and "chaos_seq" in value:
                     key = (int(value["chaos_incarnation"]), int(value["chaos_seq"]))
                     self.copies[key] += 1
@@ -107,8 +118,9 @@ class Recorder:
 
     def close(self) -> None:
         """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        for client in self.clients:
+            client.disconnect()
+            client.loop_stop()
 
 
 @dataclass
@@ -119,7 +131,7 @@ class Sample:
     processes: dict[str, tuple[int, float, float, float, int]] = field(default_factory=dict)
     # role -> (pid, rss MiB, pss MiB, uss MiB, open file descriptors)
     queued: int | None = None
-    dropped: int | None = None
+    dropped: dict[str, int] | None = None  # destination -> data its cap dropped
 
     def total_pss(self) -> float:
         """PSS of all the station's processes, MiB."""

@@ -1,6 +1,7 @@
-"""Count what a chaos run produced, delivered, dropped and lost, and what the
-station's processes used, from the producers' records, the recorder and the
-sampler. `lost` = produced - delivered - dropped by policy must be 0."""
+"""Count what a chaos run produced and what each destination got, had
+dropped by its cap and lost, and what the station's processes used, from the
+producers' records, the recorders and the sampler. For each destination,
+`lost` = produced - delivered - dropped by its cap must be 0."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from .observers import Key, Sample
-from .station import PRODUCERS
+from .observers import Key, Recorder, Sample
+from .station import PRODUCERS, TENTA_DESTINATION, THINGSBOARD_DESTINATION
 
 if TYPE_CHECKING:
     from .harness import Run
@@ -138,19 +139,22 @@ def queue_after_outages(
     return result
 
 
-def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
-    """The JSON report of a run (see the module docstring)."""
-    produced, refused = read_records(run.station.record_dir)
-    with run.recorder.lock:
-        arrivals = dict(run.recorder.arrivals)
-        copies = dict(run.recorder.copies)
-        violations = list(run.recorder.violations)
+def destination_report(
+    produced: dict[Key, float],
+    recorder: Recorder,
+    dropped: int,
+    outages: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What one destination got of what was produced: `lost` = missing -
+    dropped by its cap, which must be 0; its outages get their delivery delay."""
+    with recorder.lock:
+        arrivals = dict(recorder.arrivals)
+        copies = dict(recorder.copies)
+        violations = list(recorder.violations)
     delivered = {key for key in produced if key in arrivals}
     missing = len(produced) - len(delivered)
-    dropped = max((s.dropped for s in samples if s.dropped is not None), default=0)
-    archived, unreadable_archive_lines = run.station.archived_chaos_keys()
     delays = []
-    for outage in run.outages:
+    for outage in outages:
         began, back = outage["back"] - outage["seconds"], outage["back"]
         backlog = [
             arrivals[key]
@@ -159,12 +163,42 @@ def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
         ]
         outage["delivery_delay_after_return_s"] = round(max(backlog) - back, 2) if backlog else 0
         delays.append(outage["delivery_delay_after_return_s"])
+    return {
+        "delivered": len(delivered),
+        "duplicates": sum(count - 1 for key, count in copies.items() if key in produced),
+        "dropped_by_policy": dropped,
+        "lost": missing - dropped,
+        "missing": missing,
+        "delivered_not_recorded": len(set(arrivals) - set(produced)),
+        "oldest_first_violations": oldest_first_violations(produced, arrivals, outages),
+        "payloads_a_server_would_drop": len(violations),
+        "max_delivery_delay_after_broker_returned_s": max(delays, default=0),
+        "violations": violations[:5],
+    }
+
+
+def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
+    """The JSON report of a run (see the module docstring): per destination,
+    and their sums."""
+    produced, refused = read_records(run.station.record_dir)
+    recorders = {TENTA_DESTINATION: run.recorder, THINGSBOARD_DESTINATION: run.monitoring_recorder}
+    destinations: dict[str, dict[str, Any]] = {}
+    for name, recorder in recorders.items():
+        dropped = max((s.dropped.get(name, 0) for s in samples if s.dropped is not None), default=0)
+        outages = [o for o in run.outages if o["destination"] == name]
+        destinations[name] = destination_report(produced, recorder, dropped, outages)
+    violations = [v for d in destinations.values() for v in d.pop("violations")]
+    archived, unreadable_archive_lines = run.station.archived_chaos_keys()
     roles_seen: dict[str, set[int]] = defaultdict(set)
     for sample in samples:
         for role, values in sample.processes.items():
             roles_seen[role.split("-")[0] if role.startswith("child-") else role].add(values[0])
     steady = int(2 * run.settings.messages_per_second) + 100
     drained = queue_after_outages(samples, run.outages, steady)
+
+    def total(key: str) -> int:
+        return sum(int(d[key]) for d in destinations.values())
+
     report: dict[str, Any] = {
         "seed": run.settings.seed,
         "settings": {
@@ -176,19 +210,18 @@ def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
         },
         "run_s": round(samples[-1].at - run.started, 1) if samples else None,
         "produced": len(produced),
-        "delivered": len(delivered),
-        "duplicates": sum(count - 1 for key, count in copies.items() if key in produced),
-        "dropped_by_policy": dropped,
-        "lost": missing - dropped,
-        "missing": missing,
-        "delivered_not_recorded": len(set(arrivals) - set(produced)),
+        # the sums over the destinations; each one's own figures below
+        "lost": total("lost"),
+        "missing": total("missing"),
+        "dropped_by_policy": total("dropped_by_policy"),
+        "oldest_first_violations": total("oldest_first_violations"),
+        "payloads_a_server_would_drop": len(violations),
+        "destinations": destinations,
         "refused_by_add_message": refused,
-        "oldest_first_violations": oldest_first_violations(produced, arrivals, run.outages),
         "not_in_archive": len(set(produced) - archived),
         "unreadable_archive_lines": unreadable_archive_lines,
-        "payloads_a_server_would_drop": len(violations),
-        "max_delivery_delay_after_broker_returned_s": max(delays, default=0),
         "queue_back_to_steady_after_outage_s": drained,
+        "failovers": run.failovers,
         "process_restarts": {role: len(pids) - 1 for role, pids in sorted(roles_seen.items())},
         "peak_pss_mib": round(max((s.total_pss() for s in samples), default=0.0), 1),
         "memory_slopes": memory_slopes(samples),
@@ -198,8 +231,9 @@ def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
         "problems": run.problems + violations[:5],
     }
     report["ok"] = (
-        report["lost"] == 0
-        and report["missing"] == dropped
+        all(
+            d["lost"] == 0 and d["missing"] == d["dropped_by_policy"] for d in destinations.values()
+        )
         and report["oldest_first_violations"] == 0
         and report["not_in_archive"] == 0
         and not report["problems"]

@@ -1,8 +1,11 @@
 """The station the chaos harness attacks: a copy of this checkout with two
 chaos producers added, run through its own CLI (`cli.py start`, the way an
-operator, cron or systemd starts it), with the Tenta backend on a real
-Mosquitto, its data directory on a small tmpfs when the harness may mount one,
-and its wall clock steppable (`wallclock.c`, preloaded)."""
+operator, cron or systemd starts it), with two destinations on real
+Mosquittos: Tenta ("backend", every variant) on a primary broker with a
+failover address, and ThingsBoard ("monitoring", data and logs, its own size
+cap) on a broker of its own. Its data directory is on a small tmpfs when the
+harness may mount one, and its wall clock is steppable (`wallclock.c`,
+preloaded)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ from src import constants
 
 # the longest wait between the backend's reconnect attempts; outages outlast it
 BACKEND_LONGEST_BACKOFF_S = 8
+# while on its failover address, how often the Tenta backend tries the primary
+FAILOVER_PROBE_S = 2
+# the destinations: their names in the queue, as the config names them
+TENTA_DESTINATION = "backend"
+THINGSBOARD_DESTINATION = "monitoring"
+DESTINATIONS = (TENTA_DESTINATION, THINGSBOARD_DESTINATION)
 
 PRODUCERS = ("chaos_producer_a", "chaos_producer_b")
 STATION_IDENTIFIER = "c4a05000-0000-4000-8000-000000000011"
@@ -73,7 +82,7 @@ class ChaosStation:
     def __init__(
         self,
         scratch: str,
-        broker_port: int,
+        broker_ports: tuple[int, int, int],
         messages_per_second: float,
         max_queued_messages: int,
         data_tmpfs_mib: int,
@@ -103,7 +112,7 @@ class ChaosStation:
             )
         os.makedirs(os.path.join(self.project, "config"))
         self.revision = 1
-        self.config = self._config(broker_port, messages_per_second, max_queued_messages)
+        self.config = self._config(broker_ports, messages_per_second, max_queued_messages)
         self.write_config(self.config)
         self.set_clock_offset(0.0)
         self.clock_library = build_clock_shim(scratch)
@@ -111,7 +120,9 @@ class ChaosStation:
         self.operator = make_signer(os.path.join(scratch, "keys"), "operator")
         trust_station(scratch, [self.operator], broker_hosts=["127.0.0.1"])
 
-    def _config(self, port: int, rate: float, max_queued: int) -> dict[str, Any]:
+    def _config(self, ports: tuple[int, int, int], rate: float, max_queued: int) -> dict[str, Any]:
+        """Tenta on `ports[0]` failing over to `ports[1]`; ThingsBoard on `ports[2]`."""
+        primary, failover, monitoring = ports
         with open(constants.CONFIG_TEMPLATE_PATH) as f:
             config: dict[str, Any] = json.load(f)
         config["general"]["system_identifier"] = STATION_IDENTIFIER
@@ -125,10 +136,25 @@ class ChaosStation:
         config["backend"] = {
             "provider": "tenta",
             "mqtt_host": "127.0.0.1",
-            "mqtt_port": port,
+            "mqtt_port": primary,
+            "failover": [{"mqtt_host": "127.0.0.1", "mqtt_port": failover}],
+            "failover_probe_seconds": FAILOVER_PROBE_S,
             "mqtt_client_id": "ivy-chaos-station",
             "max_drain_time": 5,
             "reconnect_max_seconds": BACKEND_LONGEST_BACKOFF_S,
+        }
+        config["backends"] = {
+            THINGSBOARD_DESTINATION: {
+                "provider": "thingsboard",
+                "mqtt_host": "127.0.0.1",
+                "mqtt_port": monitoring,
+                "mqtt_client_id": "ivy-chaos-monitoring",
+                "mqtt_username": "chaos-device-token",
+                "variants": ["data", "log"],
+                "max_queued_messages": max_queued,
+                "max_drain_time": 5,
+                "reconnect_max_seconds": BACKEND_LONGEST_BACKOFF_S,
+            }
         }
         config["trial"] = {"deadline_seconds": 120, "stable_seconds": 2, "max_starts": 3}
         # only the producers make data, so the size cap drops only their messages
@@ -214,10 +240,10 @@ class ChaosStation:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
 
-    def queue_counts(self) -> tuple[int, int] | None:
-        """(queued rows, data messages dropped by the size cap so far: the
-        producers' are the only data) read from the
-        queue database; None when it cannot be read right now."""
+    def queue_counts(self) -> tuple[int, dict[str, int]] | None:
+        """(queued rows, per destination the data messages its size cap dropped
+        so far: the producers' are the only data) read from the queue
+        database; None when it cannot be read right now."""
         path = os.path.join(self.data_dir, "active-message-queue.sqlite3")
         if not os.path.exists(path):
             return None
@@ -225,11 +251,25 @@ class ChaosStation:
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
                 db.execute("PRAGMA busy_timeout=2000")
                 queued = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
-                dropped = db.execute(
-                    "SELECT value FROM counters WHERE name = 'dropped_data'"
-                ).fetchone()
-                return int(queued), int(dropped[0]) if dropped else 0
+                dropped = dict(
+                    db.execute(
+                        "SELECT name, value FROM counters WHERE name LIKE 'dropped_data@%'"
+                    ).fetchall()
+                )
+                return int(queued), {
+                    name: int(dropped.get(f"dropped_data@{name}", 0)) for name in DESTINATIONS
+                }
         except sqlite3.Error:
+            return None
+
+    def address_in_use(self, destination: str) -> str | None:
+        """host:port the destination's backend is connected to (state.json);
+        None while it is not connected or the state cannot be read."""
+        try:
+            with open(os.path.join(self.data_dir, "state.json")) as f:
+                connection = json.load(f)["destinations"][destination]
+            return str(connection["broker"]) if connection["connected"] else None
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def archived_chaos_keys(self) -> tuple[set[tuple[int, int]], int]:

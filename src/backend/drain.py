@@ -95,9 +95,7 @@ class Drainer:
         self.logger = Logger(config, name)
         self.messaging_agent = MessagingAgent(config)
         self.messaging_agent.ensure_destination(
-            self.destination,
-            frozenset(self.backend.variants),
-            self.backend.max_queued_messages or config.storage.max_queued_messages,
+            self.destination, *config.destination_routes()[self.destination]
         )
         self.provider = provider
         self.receiver = ConfigReceiver(config, self.logger, self.messaging_agent)

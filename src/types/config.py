@@ -511,6 +511,17 @@ class Config(tum_esm_utils.validators.StricterBaseModel):
         found = {LEGACY_DESTINATION: self.backend} if self.backend is not None else {}
         return {**found, **self.backends}
 
+    def destination_routes(self) -> dict[str, tuple[frozenset[str], int]]:
+        """Every destination's name -> the message variants it gets and its
+        size cap (its own, or the storage's), as the queue registers them."""
+        return {
+            name: (
+                frozenset(section.variants),
+                section.max_queued_messages or self.storage.max_queued_messages,
+            )
+            for name, section in self.destinations().items()
+        }
+
     def procedure_section(self, name: str, model: type[SectionT]) -> SectionT | None:
         """The validated section of procedure `name` (None: off). Called by
         procedures to read their own settings, typed."""
