@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,10 +23,17 @@ from tests.conftest import (
     BackendProcess,
     Station,
     point_data_paths_at,
+    signed,
     template_config_dict,
     wait_until,
 )
-from tests.mqtt_helpers import MQTTBroker, Subscriber, any_broker_fixture, broker_fixture
+from tests.mqtt_helpers import (
+    MQTTBroker,
+    Subscriber,
+    any_broker_fixture,
+    broker_fixture,
+    publish,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +148,8 @@ def test_a_destination_down_beyond_its_cap_costs_the_other_nothing_and_hears_of_
     assert wait_until(lambda: len(tenta_numbers(research)) >= n, timeout=60, interval=0.2)
     assert wait_until(lambda: len(research.items("acknowledgments/")) >= 1, timeout=30)
     assert sorted(set(tenta_numbers(research))) == list(range(n))
-    assert agent.get_queue_depth("research") == 0
+    # (the other backend's warnings about its broker are logs for both)
+    assert wait_until(lambda: agent.get_queue_depth("research") == 0, timeout=30)
     assert agent.get_dropped_count(destination="research") == 0
     # the other's cap dropped its oldest data for it alone (the backends'
     # own warnings count against the cap too), and the physical queue holds
@@ -330,3 +339,90 @@ def test_kill_9_of_either_backend_or_the_main_loop_loses_nothing_for_either_dest
     finally:
         station.cli("stop")
         monitoring_broker.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answer(subscriber: Subscriber, revision: int) -> dict[str, Any] | None:
+    return next(
+        (
+            item["values"]
+            for item in subscriber.items("v1/")
+            if item["values"].get("config_revision") == revision
+            and item["values"].get("config_status") in ("accepted", "rejected")
+        ),
+        None,
+    )
+
+
+def test_a_remote_config_adds_and_removes_destinations_on_trial_and_one_that_breaks_is_refused(
+    station: Station, research_broker: Broker, tmp_path: Any
+) -> None:
+    home = Broker(str(tmp_path / "home-broker"))  # where configs come from
+    home.start()
+    try:
+        config = template_config_dict()
+        config["general"]["system_identifier"] = STATION
+        config["general"]["config_revision"] = 1
+        config["dummy_procedure"]["seconds_between_datapoints"] = 1
+        config["system_checks"] = None
+        config["trial"] = {"deadline_seconds": 30, "stable_seconds": 2, "max_starts": 3}
+        config["backend"] = {
+            "provider": "thingsboard",
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": home.port,
+            "mqtt_client_id": "station-home",
+        }
+        station.write_config(config)
+        at_home = Subscriber(home.port, THINGSBOARD_TOPICS, client_id="home-recorder")
+        research = Subscriber(research_broker.port, TENTA_TOPICS, client_id="research-recorder")
+        assert station.cli("start").returncode == 0
+
+        def push(revision: int, backends: dict[str, Any]) -> dict[str, Any]:
+            pushed = {**config, "general": {**config["general"], "config_revision": revision}}
+            pushed["backends"] = backends
+            publish(home.port, "v1/devices/me/attributes", {"configuration": signed(pushed)})
+            assert wait_until(
+                lambda: _answer(at_home, revision) is not None, timeout=120, interval=0.5
+            )
+            answer = _answer(at_home, revision)
+            assert answer is not None
+            return answer
+
+        research_section = two_destinations(research_broker.port, 1)["backends"]["research"]
+        # added on trial: it delivers, the config is kept
+        assert push(2, {"research": research_section})["config_status"] == "accepted"
+        assert wait_until(lambda: len(research.items("measurements/")) >= 5, timeout=60)
+        assert set(station.status()["destinations"]) == {"backend", "research"}
+
+        # a destination whose broker does not answer: the config is refused,
+        # the previous one (with research) comes back
+        broken = {**research_section, "mqtt_port": _free_port(), "mqtt_client_id": "broken"}
+        answer = push(3, {"research": research_section, "broken": broken})
+        assert answer["config_status"] == "rejected"
+        assert "the backend of destination broken is not connected" in answer["config_reason"]
+        status = station.status()
+        assert status["config"]["revision"] == 2
+        assert set(status["destinations"]) == {"backend", "research"}
+        before = len(research.items("measurements/"))
+        assert wait_until(lambda: len(research.items("measurements/")) >= before + 5, timeout=60)
+
+        # removed while its broker is down: once the config is kept, what was
+        # queued for it is released, and the queue empties
+        research_broker.stop()
+        assert wait_until(
+            lambda: station.status()["destinations"]["research"]["backlog"] >= 10, timeout=60
+        )
+        assert push(4, {})["config_status"] == "accepted"
+        status = station.status()
+        assert set(status["destinations"]) == {"backend"}
+        assert wait_until(lambda: station.status()["queue"]["depth"] <= 5, timeout=60, interval=0.5)
+        at_home.close()
+        research.close()
+    finally:
+        station.cli("stop")
+        home.stop()
