@@ -147,3 +147,66 @@ def test_a_destination_settings_change_keeps_its_rows_and_counters() -> None:
     agent.sync_destinations({"a": (frozenset({"data"}), 5_000)})
     assert agent.get_queue_depth("a") == 3
     assert agent.destinations["a"].max_queued == 5_000
+
+
+def test_rows_of_a_variant_no_destination_takes_leave_once_archived() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (frozenset({"data"}), 10_000)})
+    agent.add_messages([LogMessageBody(level="INFO", subject="only for the archive", body="")])
+    assert agent.flush_archive() == 1
+    assert agent.get_queue_depth() == 0
+    assert agent.get_queue_depth("a") == 0
+
+
+def test_a_new_backend_process_resumes_an_unfinished_newest_first_catch_up() -> None:
+    from src.backend.streams import StreamCursors
+
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 1_000)})
+    agent.add_messages([data(i) for i in range(2_000)])
+    live_from = agent.begin_live_catch_up("a")
+    agent.add_messages([data(i) for i in range(2_000, 2_010)])
+    live = ids(agent.take_rows_to_send(10, destination="a", stream="live", after_id=live_from))
+    assert len(live) == 10
+    # the backend is killed here; the next one must keep the live rows guarded
+    cursors = StreamCursors(MessagingAgent(), "a", newest_first=True)
+    assert cursors.live_from == live_from
+    assert cursors.order() == ["priority", "live", "data"]
+    agent.add_messages([data(i) for i in range(2_010, 3_000)])
+    assert set(live) <= set(ids(agent.get_oldest_rows(5_000, destination="a")))
+
+
+def test_counters_are_recounted_after_an_older_version_wrote_the_queue() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"a": (ALL, 10_000)})
+    agent.add_messages([data(i) for i in range(3)])
+    for _ in range(4):  # a version before destinations: no counter moves
+        agent.connection.execute(
+            "INSERT INTO queue (timestamp, variant, config_revision, body) "
+            """VALUES (1.0, 'data', 0, '{"variant":"data","data":{"x":1}}')"""
+        )
+    agent.connection.execute("DELETE FROM queue WHERE id = 1")
+    agent.sync_destinations({"a": (ALL, 10_000)})
+    assert agent.get_queue_depth("a") == 6
+
+
+def test_the_first_destination_keeps_what_a_backend_before_destinations_had_in_flight() -> None:
+    agent = MessagingAgent()
+    agent.add_messages([data(i) for i in range(100)])
+    in_flight = ids(agent.take_rows_to_send(100))  # the station-wide mark of an older backend
+    agent.sync_destinations({"a": (ALL, 50)})
+    agent.add_messages([data(i) for i in range(100, 300)])
+    assert set(in_flight) <= set(ids(agent.get_oldest_rows(1_000, destination="a")))
+    assert agent.get_dropped_count(destination="a") + agent.get_queue_depth("a") == 300
+
+
+def test_a_cursor_skips_the_rows_of_other_destinations() -> None:
+    agent = MessagingAgent()
+    agent.sync_destinations({"all": (ALL, 10_000), "config": (frozenset({"config"}), 10_000)})
+    agent.add_messages([data(i) for i in range(500)])
+    taken = agent.take_stream_rows(10, destination="config", stream="priority")
+    assert taken.rows == [] and taken.looked_up_to == 500
+    live = agent.take_stream_rows(10, destination="all", stream="data", up_to=200)
+    assert ids(live.rows) == list(range(1, 11)) and live.looked_up_to == 10
+    rest = agent.take_stream_rows(1_000, destination="all", stream="data", after_id=10, up_to=200)
+    assert len(rest.rows) == 190 and rest.looked_up_to == 200

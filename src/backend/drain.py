@@ -263,7 +263,9 @@ class Drainer:
         for mid, rows in self.rows_of_publish.items():
             if not row_ids.isdisjoint(rows):
                 self.rows_of_publish[mid] = [r for r in rows if r not in row_ids]
-        self.cursors.rewind(row_ids, self.publishes_per_row)
+        # rows packed but held back by the rate limits are on their way too
+        waiting = {row_id for publish in self.waiting for row_id in publish.row_ids}
+        self.cursors.rewind(row_ids, set(self.publishes_per_row) | (waiting - row_ids))
 
     def _process_connection_drops(self) -> None:
         drops = self.connection.disconnects

@@ -20,7 +20,9 @@ class StreamCursors:
     """The fetch cursors of one destination."""
 
     def __init__(self, agent: MessagingAgent, destination: str, newest_first: bool) -> None:
-        """Start every stream at the beginning of the queue."""
+        """Start every stream at the beginning of the queue; resume a
+        newest-first catch-up that an earlier process of this destination left
+        unfinished (its live rows in flight stay guarded from the cap)."""
         self.agent = agent
         self.destination = destination
         self.newest_first = newest_first
@@ -28,7 +30,9 @@ class StreamCursors:
         # rows in flight above a rewound cursor (they must not go out twice)
         self.in_flight_above: dict[Stream, set[int]] = {s: set() for s in self.fetched}
         self.stream_of_row: dict[int, Stream] = {}
-        self.live_from: int | None = None
+        self.live_from = agent.unfinished_live_catch_up(destination)
+        if self.live_from is not None:
+            self.fetched["live"] = self.live_from
 
     def begin_catch_up(self) -> None:
         """After a (re)connect: with newest-first catch-up and a backlog, what
@@ -46,7 +50,7 @@ class StreamCursors:
 
     def take(self, stream: Stream, n: int, excluded: Iterable[int]) -> list[QueueRow]:
         """The next rows of `stream` not in flight (see `take_rows_to_send`)."""
-        rows = self.agent.take_rows_to_send(
+        rows, looked_up_to = self.agent.take_stream_rows(
             n,
             excluded_message_ids=self.in_flight_above[stream] | set(excluded),
             after_id=self.fetched[stream],
@@ -54,6 +58,9 @@ class StreamCursors:
             stream=stream,
             up_to=self.live_from if stream == "data" else None,
         )
+        if not rows:
+            # nothing of this stream up to there: the next poll starts after it
+            self.fetched[stream] = max(self.fetched[stream], looked_up_to)
         if not rows and stream == "data" and self.live_from is not None:
             self._end_catch_up()
         return rows

@@ -134,6 +134,14 @@ class QueueRow(NamedTuple):
     body: str
 
 
+class TakenRows(NamedTuple):
+    """Rows taken to send, and the id up to which the queue was looked at: a
+    cursor may move past it, as no row up to it is left for this stream."""
+
+    rows: list[QueueRow]
+    looked_up_to: int
+
+
 def _checked_timestamp(timestamp: float) -> float:
     """A procedure's own timestamp as SQLite and every backend can hold it, or
     a clear ValueError for the procedure (never an OverflowError)."""
@@ -304,6 +312,8 @@ class MessagingAgent:
                 )
             self._add_to_counter("destinations_version", 1)
             self._refresh_destinations()
+            for destination in self.destinations.values():
+                queue_destinations.recount(self.connection, destination)
             if self._live_mask:
                 # rows that were kept only for a released destination
                 self._flush_archive_in_transaction()
@@ -693,7 +703,25 @@ class MessagingAgent:
         broker, so the size cap leaves them alone until they are acknowledged.
         Read and mark are one transaction because a producer's cap could
         otherwise drop a row between them that then goes out anyway, counted as
-        dropped (one in the 30-minute soak). Called by the backend's drain loop."""
+        dropped (one in the 30-minute soak)."""
+        return self.take_stream_rows(
+            n, excluded_message_ids, after_id, destination, stream, up_to
+        ).rows
+
+    def take_stream_rows(
+        self,
+        n: int,
+        excluded_message_ids: Iterable[int] = (),
+        after_id: int = 0,
+        destination: str | None = None,
+        stream: Stream | None = None,
+        up_to: int | None = None,
+    ) -> TakenRows:
+        """`take_rows_to_send`, and how far the queue was looked at: when fewer
+        than `n` rows came back, every row up to the newest (or `up_to`) was
+        passed, so the caller's cursor skips the rows of other destinations
+        and streams instead of walking them again on every poll. Called by the
+        backend's drain loop."""
         if destination is None:
             mark = "sent_up_to"
         else:
@@ -709,9 +737,26 @@ class MessagingAgent:
                     "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
                     (mark, rows[-1].id),
                 )
+            if len(rows) == n:
+                looked_up_to = rows[-1].id
+            else:
+                (newest,) = self.connection.execute(
+                    "SELECT coalesce(max(id), 0) FROM queue"
+                ).fetchone()
+                looked_up_to = max(
+                    after_id, min(int(newest), up_to if up_to is not None else newest)
+                )
         if rows:
             self._sent_up_to_seen[mark] = max(self._sent_up_to_seen.get(mark, 0), rows[-1].id)
-        return rows
+        return TakenRows(rows, looked_up_to)
+
+    def unfinished_live_catch_up(self, destination: str) -> int | None:
+        """Where a newest-first catch-up that a backend began and did not end
+        (it was stopped or killed) splits live data from the backlog, or None.
+        A new backend process resumes it rather than beginning another, which
+        would leave the live rows it sent unguarded from the size cap."""
+        live_from = self._read_counter(counter("live_from", destination))
+        return live_from or None
 
     def begin_live_catch_up(self, destination: str) -> int:
         """Newest-first catch-up: the data measured from now on (above the
@@ -814,11 +859,19 @@ class MessagingAgent:
                 lines_per_day.setdefault(day.of(row[1]), []).append(line)
             for name, lines in lines_per_day.items():
                 self._append_to_archive_file(name, lines)
-            archived_up_to = rows[-1][0]
+            first_id, archived_up_to = rows[0][0], rows[-1][0]
             self.connection.execute(
                 "UPDATE counters SET value = ? WHERE name = 'archived_up_to'", (archived_up_to,)
             )
             written += len(rows)
+            if self._live_mask:
+                # rows of a variant no destination takes were kept only for the archive
+                removed = self.connection.execute(
+                    "DELETE FROM queue WHERE id >= ? AND id <= ? AND (pending & ?) = 0",
+                    (first_id, archived_up_to, self._live_mask),
+                ).rowcount
+                if removed:
+                    self._add_to_counter("removed", removed)
 
     def _archive_lines(self, rows: Sequence[tuple[int, float, str, int, str]]) -> list[str]:
         """The JSONL archive lines of queue rows, one comprehension per batch

@@ -118,12 +118,42 @@ def register(
         (name, destination.bit, json.dumps(sorted(variants)), max_queued),
     )
     for kind in ("routed", "released"):
-        connection.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            (counter(kind, name), routed if kind == "routed" else 0),
-        )
+        _set(connection, counter(kind, name), routed if kind == "routed" else 0)
+    if takes_waiting_rows:
+        # a backend of a version before destinations moved the station-wide
+        # mark: what it may have in flight stays guarded from this one's cap
+        (sent_up_to,) = connection.execute(
+            "SELECT coalesce(max(value), 0) FROM counters WHERE name = 'sent_up_to'"
+        ).fetchone()
+        for mark in ("sent_up_to", "sent_priority_up_to"):
+            _set(connection, counter(mark, name), int(sent_up_to))
     return destination
+
+
+def recount(connection: sqlite3.Connection, destination: Destination) -> None:
+    """Set a destination's counters from its rows (pending = routed -
+    released), whatever wrote the queue in between: a version before
+    destinations, gone back to and forward again, adds and removes rows
+    without them."""
+    (pending,) = connection.execute(
+        "SELECT count(*) FROM queue WHERE pending & ?", (destination.mask,)
+    ).fetchone()
+    released = connection.execute(
+        "SELECT value FROM counters WHERE name = ?", (counter("released", destination.name),)
+    ).fetchone()
+    _set(
+        connection,
+        counter("routed", destination.name),
+        int(pending) + int(released[0] if released else 0),
+    )
+
+
+def _set(connection: sqlite3.Connection, name: str, value: int) -> None:
+    connection.execute(
+        "INSERT INTO counters (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )
 
 
 def unregister(connection: sqlite3.Connection, destination: Destination) -> None:
