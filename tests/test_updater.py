@@ -208,6 +208,37 @@ def test_a_remote_config_cannot_move_the_broker_or_the_release_source() -> None:
     )
 
 
+def test_a_remote_config_cannot_shed_tls_by_renaming_a_destination_or_failing_over(
+    root: str,
+) -> None:
+    coordinator, agent = make_coordinator()
+    with_tls = {
+        "provider": "thingsboard",
+        "mqtt_host": "mqtt",
+        "mqtt_client_id": "c",
+        "tls": {"ca_file": None},
+    }
+    assert isinstance(judge(coordinator, foreign(7, backend=with_tls), "remote"), RestartWith)
+    config_trial.accept(local(Config.load().to_foreign_config()), coordinator.answers)
+    # the main loop restarts with the accepted config
+    coordinator = UpdateCoordinator(Config.load(), Logger(Config.load(), "updater-test"), agent)
+    plain = {k: v for k, v in with_tls.items() if k != "tls"}
+    cases = [
+        foreign(8, backends={"renamed": plain}),
+        foreign(
+            9,
+            backend={**with_tls, "failover": [{"mqtt_host": "mqtt"}]},
+            backends={
+                "other": {**plain, "mqtt_host": "mqtt"},
+            },
+        ),
+    ]
+    for config in cases:
+        assert judge(coordinator, config, origin="remote") is None
+        assert "uses TLS" in acknowledgements(agent)[-1]["reason"]
+    assert Config.load().general.config_revision == 7
+
+
 def test_a_fresh_station_accepts_its_current_revision_once() -> None:
     """Tenta numbers a sensor's first config 0, the template's revision: a
     station that has accepted no remote config takes it; a replay is ignored."""

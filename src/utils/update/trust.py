@@ -269,6 +269,15 @@ def remote_config_problem(
         running = translate_ivy_1_1(running).config
     hosts = set(policy.broker_hosts)
     running_tls = {where: _tls_strength(s) for where, s in _backends_of(running)}
+    # keyed by host too: renaming a destination, or naming the same broker as
+    # another one's failover, must not shed the TLS its traffic had
+    running_tls_of_host: dict[str, int] = {}
+    for where, section in _backends_of(running):
+        for _, address in _addresses_of(where, section):
+            host = str(address.get("mqtt_host"))
+            running_tls_of_host[host] = max(
+                running_tls_of_host.get(host, 0), _tls_strength(section)
+            )
     for where, section in _backends_of(received):
         for place, address in _addresses_of(where, section):
             host = address.get("mqtt_host")
@@ -279,7 +288,13 @@ def remote_config_problem(
                     f"trust policy allows ({allowed}); change the policy on the station with "
                     "`ivy trust set --broker-hosts`"
                 )
-        was = running_tls.get(where, 0)
+        was = max(
+            running_tls.get(where, 0),
+            *(
+                running_tls_of_host.get(str(address.get("mqtt_host")), 0)
+                for _, address in _addresses_of(where, section)
+            ),
+        )
         if not policy.allow_tls_off and _tls_strength(section) < was:
             return (
                 f"{where}.tls: the running config uses TLS"
