@@ -274,9 +274,9 @@ def remote_config_problem(
     running_tls_of_host: dict[str, int] = {}
     for where, section in _backends_of(running):
         for _, address in _addresses_of(where, section):
-            host = str(address.get("mqtt_host"))
-            running_tls_of_host[host] = max(
-                running_tls_of_host.get(host, 0), _tls_strength(section)
+            running_host = str(address.get("mqtt_host"))
+            running_tls_of_host[running_host] = max(
+                running_tls_of_host.get(running_host, 0), _tls_strength(section)
             )
     for where, section in _backends_of(received):
         for place, address in _addresses_of(where, section):
