@@ -102,3 +102,17 @@ def test_an_unwritable_log_file_never_raises(capsys: Any) -> None:
     logger.exception(OSError(28, "No space left on device"), "failed")
     err = capsys.readouterr().err
     assert "log file not writable" in err and "still here" in err
+
+
+def test_lines_logged_from_another_thread_are_queued_too() -> None:
+    """paho's network thread logs through the backend's logger."""
+    import threading
+
+    logger = Logger(config_with(message_sending="INFO"), "threads")
+    logger.info("from the main thread")
+    thread = threading.Thread(target=logger.info, args=("from the network thread",))
+    thread.start()
+    thread.join()
+    subjects = [m.body.model_dump()["subject"] for m in MessagingAgent().get_n_latest_messages(10)]
+    assert subjects == ["threads - from the main thread", "threads - from the network thread"]
+    assert "could not queue" not in log_file_content()

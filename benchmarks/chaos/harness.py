@@ -340,14 +340,17 @@ def full_disk(run: Run) -> dict[str, Any]:
         return {"skipped": run.station.full_disk_unavailable}
     ballast = os.path.join(run.station.data_dir, "ballast")
     chunk = b"\0" * 2**16
-    with open(ballast, "wb") as f:
-        with contextlib.suppress(OSError):
+    try:
+        # unbuffered: a buffered close would flush into the full disk, raise
+        # ENOSPC and leave the disk full for the rest of the run
+        with open(ballast, "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
                 f.write(chunk)
-                f.flush()
-    held = run.rng.uniform(4, 8)
-    time.sleep(held)
-    os.remove(ballast)
+        held = run.rng.uniform(4, 8)
+        time.sleep(held)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(ballast)
     return {"held_full_s": round(held, 1)}
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Literal
@@ -38,8 +39,9 @@ class Logger:
         self.verbosity = config.logging_verbosity if config else LoggingVerbosityConfig()
         revealed = json.loads(config.to_json(reveal_secrets=True)) if config else {}
         self.secrets = secret_values(revealed)
-        self._messaging_agent: MessagingAgent | None = None
-        self._sending = False
+        # one queue connection per thread: paho's network thread logs too, and
+        # a SQLite connection may only be used by the thread that opened it
+        self._per_thread = threading.local()
 
     def debug(self, message: str, details: str | None = None) -> None:
         """Log at DEBUG level; `details` go on indented lines below."""
@@ -81,11 +83,13 @@ class Logger:
         self._log("EXCEPTION", subject, f"{details}\n{trace}" if details else trace)
 
     def close(self) -> None:
-        """Close the queue connection this logger opened, if any. Called when
-        the main loop replaces its logger after a reconfiguration."""
-        if self._messaging_agent is not None:
-            self._messaging_agent.close()
-            self._messaging_agent = None
+        """Close the queue connection this logger opened in the calling
+        thread, if any. Called when the main loop replaces its logger after a
+        reconfiguration."""
+        agent: MessagingAgent | None = getattr(self._per_thread, "agent", None)
+        if agent is not None:
+            agent.close()
+            self._per_thread.agent = None
 
     def _redact(self, text: str) -> str:
         return mask_secrets(text, self.secrets)
@@ -128,13 +132,14 @@ class Logger:
                 sys.stderr.flush()
 
     def _send(self, level: LogLevel, message: str, details: str) -> None:
-        if self._sending:  # a failure while sending must not recurse
+        if getattr(self._per_thread, "sending", False):  # a failure must not recurse
             return
-        self._sending = True
+        self._per_thread.sending = True
         try:
-            if self._messaging_agent is None:
-                self._messaging_agent = MessagingAgent(self.config)
-            self._messaging_agent.add_message(
+            agent: MessagingAgent | None = getattr(self._per_thread, "agent", None)
+            if agent is None:
+                agent = self._per_thread.agent = MessagingAgent(self.config)
+            agent.add_message(
                 LogMessageBody(
                     level=level,
                     subject=f"{self.origin} - {message}"[:512],
@@ -144,4 +149,4 @@ class Logger:
         except Exception as e:
             self._write_to_file(time.time(), f"{self.origin} - could not queue log message: {e}\n")
         finally:
-            self._sending = False
+            self._per_thread.sending = False
