@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from src.utils.update.signatures import envelope, sign_text, signed_document_text
 from src.utils.update.trust import (
@@ -44,6 +44,13 @@ class Signer:
         `general.system_identifier`)."""
         targets = stations or [config["general"]["system_identifier"]]
         text = signed_document_text(config, targets, expires_in_seconds=expires_in_seconds, now=now)
+        return envelope(text, sign_text(text, self.private))
+
+    def sign_change(
+        self, change: dict[str, Any] | int, stations: list[str], kind: Literal["patch", "revert"]
+    ) -> dict[str, str]:
+        """The envelope of a merge patch or a revert for `stations`."""
+        text = signed_document_text(change, stations, kind=kind)
         return envelope(text, sign_text(text, self.private))
 
     def sign_text(self, config: dict[str, Any], **options: Any) -> str:

@@ -19,6 +19,7 @@ handled already (a retained copy after a reconnect) is ignored, logged once."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,10 @@ from typing import Any
 import pydantic
 
 from src.types import Config, ConfigMessageBody, ForeignConfig
-from src.types.config import format_validation_error, revision_of
+from src.types.config import format_validation_error, general_field_of, revision_of
 from src.types.state import PendingConfig
 from src.utils.logger import Logger
+from src.utils.merge_patch import merge_patch
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from src.utils.update.admission import (
@@ -39,8 +41,14 @@ from src.utils.update.admission import (
     mark_signed_handled,
     queue_pending_config,
 )
-from src.utils.update.answers import UnverifiedAnswers
-from src.utils.update.signatures import SignatureError, is_envelope, verify_envelope
+from src.utils.update.answers import UnverifiedAnswers, record_config_outcome
+from src.utils.update.config_history import config_before
+from src.utils.update.signatures import (
+    SignatureError,
+    SignedDocument,
+    is_envelope,
+    verify_envelope,
+)
 from src.utils.update.trust import TrustError, config_signers_path, load_policy
 
 from .provider import ReceivedConfig
@@ -79,6 +87,7 @@ class ConfigReceiver:
 
     def __init__(self, config: Config, logger: Logger, messaging_agent: MessagingAgent) -> None:
         """Remember the running revision and the station's identifier."""
+        self.running = config
         self.current_revision = config.general.config_revision
         self.station = config.general.system_identifier
         self.logger = logger
@@ -151,15 +160,32 @@ class ConfigReceiver:
             )
         if is_envelope(raw):
             verified = verify_envelope(raw, config_signers_path(), self.station)
-            if verified.document.config is None:
-                raise SignatureError("a signed patch needs a newer Ivy than this station runs")
-            return Admitted(verified.document.config, verified.document.signed_at, verified.signer)
+            document = verified.document
+            return Admitted(self._requested_config(document), document.signed_at, verified.signer)
         if policy.accept_unsigned_configs:
             return Admitted(raw)
         raise SignatureError(
             "unsigned: this station takes only configs signed by a key in its trust policy "
             "(sign one with `ivy config sign`)"
         )
+
+    def _requested_config(self, document: SignedDocument) -> dict[str, Any]:
+        """The config a verified document asks for: its config; the running
+        config with its merge patch applied; or the config that ran before
+        the revision it reverts (`SignatureError` when none is kept)."""
+        if document.config is not None:
+            return document.config
+        if document.patch is not None:
+            running = json.loads(self.running.to_json(reveal_secrets=True))
+            merged = merge_patch(running, document.patch)
+            return merged if isinstance(merged, dict) else {}
+        assert document.revert is not None
+        before = config_before(document.revert)
+        if before is None:
+            raise SignatureError(
+                f"revert: this station keeps no config from before revision {document.revert}"
+            )
+        return before
 
     def _ignore(self, digest: str, revision: int) -> None:
         if digest not in self.ignored:
@@ -184,6 +210,11 @@ class ConfigReceiver:
         else:
             reason = f"no valid revision could be read, so this answer carries none; {reason}"
         self._remember(digest)
+        if revision is not None:
+            version = general_field_of(config, "software_version")
+            record_config_outcome(
+                revision, version if isinstance(version, str) else "?", "rejected", reason
+            )
         self.logger.warning(f"rejected a received config (revision {revision})", details=reason)
         self.messaging_agent.add_message(
             ConfigMessageBody.about("rejected", config, reason, digest=digest)

@@ -33,6 +33,7 @@ from .config_receiver import ConfigReceiver
 from .mqtt_connection import MQTTConnection
 from .provider import Provider, Publish, pack_rows
 from .rate_limit import TokenBucket
+from .station_reports import StationReporter, presence
 from .streams import StreamCursors
 
 # at teardown, how long a backend waits for a broker it is not connected to
@@ -98,6 +99,11 @@ class Drainer:
             self.destination, *config.destination_routes()[self.destination]
         )
         self.provider = provider
+        self.reporter = (
+            StationReporter(config, self.logger)
+            if provider.reports_state and self.backend.report_state
+            else None
+        )
         self.receiver = ConfigReceiver(config, self.logger, self.messaging_agent)
         self.addresses = self.backend.addresses()
         self.address_index = 0
@@ -136,6 +142,11 @@ class Drainer:
             self.provider.publishes_on_connect(),
             address=self.addresses[self.address_index],
             note=self.address_note,
+            presence=(
+                presence(self.provider.identifier)
+                if self.reporter is not None and self.reporter.enabled
+                else None
+            ),
         )
 
     def run(self, teardown_indicator: Event) -> None:
@@ -152,6 +163,7 @@ class Drainer:
                 self._release_held_rows()
                 self._send_gap_record()
                 self._publish_connection_state()
+                self._report_state()
                 if teardown_at is None and teardown_indicator.is_set():
                     teardown_at = time.monotonic()
                     self.logger.info(
@@ -197,6 +209,8 @@ class Drainer:
         refused: dict[int, str] = {}
         while not self.connection.acknowledged.empty():
             mid, refusal = self.connection.acknowledged.get()
+            if self.reporter is not None and self.reporter.acknowledged(mid, refusal):
+                continue
             rows = self.rows_of_publish.pop(mid, [])
             if refusal is not None:
                 self._isolate(rows, f"the broker refused it: {refusal}")
@@ -271,6 +285,8 @@ class Drainer:
         drops = self.connection.disconnects
         if drops == self.seen_disconnects:
             return
+        if self.reporter is not None:
+            self.reporter.connection_lost()
         if self.acknowledged_since_drop:
             self.fruitless_drops = 0
         self.acknowledged_since_drop = False
@@ -309,6 +325,8 @@ class Drainer:
         if outstanding:
             self._rewind(outstanding)
         self._process_received_configs()
+        if self.reporter is not None:
+            self.reporter.new_connection()
         self.connection.stop()
         self.connection = self._new_connection()
         self.seen_disconnects = 0
@@ -357,6 +375,15 @@ class Drainer:
         self.address_index = 0
         self.address_note = ""
         self._renew_connection()
+
+    def _report_state(self) -> None:
+        """Presence and state report; once reporting is off, a connection
+        without the last will (a broker may refuse one its ACL denies)."""
+        if self.reporter is None:
+            return
+        self.reporter.tick(self.connection)
+        if not self.reporter.enabled and self.connection.presence is not None:
+            self._renew_connection()
 
     def _send_gap_record(self) -> None:
         """Once the broker acknowledges again, tell this destination how much

@@ -11,33 +11,42 @@ events on queues; the backend's own thread does all the work.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from src.types import BackendConfig
 from src.types.config import BrokerAddress
 from src.utils.logger import Logger
+from src.utils.mqtt_client import connect_arguments, new_mqtt_client
 
 _KEEPALIVE_SECONDS = 30
 # the n-th retry waits a random time in [_RECONNECT_MIN_DELAY, min(cap, 2**n)]
 _RECONNECT_MIN_DELAY = 0.5
-# MQTT 5: how long the broker keeps our session (queued configs) while offline
-_SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 # a broker that hangs up this soon after its CONNACK did not like the session
 _SOON_AFTER_CONNACK_SECONDS = 2.0
+# at a clean stop, how long the offline presence may take to be acknowledged
+_PRESENCE_WAIT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A retained presence topic: `online()` said by its owner after each
+    connect, `offline` at a clean stop and as the last will."""
+
+    topic: str
+    online: Callable[[], bytes]
+    offline: bytes
 
 
 @dataclass(frozen=True)
@@ -61,9 +70,14 @@ class MQTTConnection:
         publishes_on_connect: Sequence[tuple[str, bytes]] = (),
         address: BrokerAddress | None = None,
         note: str = "",
+        presence: Presence | None = None,
     ) -> None:
         """Configure (but do not connect) the client, for `address` (default:
-        the primary); `note` says why this address, in the connection's status."""
+        the primary); `note` says why this address, in the connection's status.
+        `publishes_on_connect` go out after each connect; `presence`, if
+        given, is the retained last will (offline when the station vanishes)
+        and said offline at a clean stop (its owner says online)."""
+        self.presence = presence
         self.config = config
         self.host, self.port = (
             (address.mqtt_host, address.mqtt_port)
@@ -87,28 +101,12 @@ class MQTTConnection:
             connected=False, detail="connecting", since=time.time(), broker=self.address
         )
         self.disconnects = 0  # connections lost after the broker had accepted them
+        self.refusals = 0  # connections the broker refused (CONNACK with a failure)
 
-        v5 = config.mqtt_protocol == "5"
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=config.mqtt_client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else False,
-        )
-        if config.mqtt_username is not None or config.mqtt_password is not None:
-            self.client.username_pw_set(
-                config.mqtt_username or "",
-                config.mqtt_password.get_secret_value() if config.mqtt_password else None,
-            )
-        if config.tls is not None:
-            self.client.tls_set(
-                ca_certs=config.tls.ca_file,
-                certfile=config.tls.client_cert_file,
-                keyfile=config.tls.client_key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            self.client.tls_insecure_set(not config.tls.check_hostname)
+        self.client = new_mqtt_client(config)
+        if presence is not None:
+            # retained: whoever subscribes later still learns the station vanished
+            self.client.will_set(presence.topic, presence.offline, qos=1, retain=True)
         self.client.max_inflight_messages_set(config.max_parallel_messages)
         self.client.max_queued_messages_set(0)  # unbounded: the drain loop bounds it
         self._failures = 0
@@ -136,12 +134,7 @@ class MQTTConnection:
 
     def start(self) -> None:
         """Connect in the background; paho's thread retries until it succeeds."""
-        properties = None
-        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # ignored by 3.1.1
-        if self.config.mqtt_protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = _SESSION_EXPIRY_SECONDS
-            clean_start = False
+        clean_start, properties = connect_arguments(self.config)
         self.client.connect_async(
             self.host,
             self.port,
@@ -152,7 +145,14 @@ class MQTTConnection:
         self.client.loop_start()
 
     def stop(self) -> None:
-        """Disconnect cleanly and stop paho's thread."""
+        """Disconnect cleanly (saying offline first, as a clean disconnect
+        discards the last will) and stop paho's thread."""
+        if self.presence is not None and self.is_connected():
+            info = self.client.publish(
+                self.presence.topic, self.presence.offline, qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(_PRESENCE_WAIT_SECONDS)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -165,10 +165,10 @@ class MQTTConnection:
         """Connection attempts that failed since the last one that succeeded."""
         return self._failures - 1  # the count is ahead by the wait it has set
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         """Publish with QoS 1 and return the message id; paho keeps the message
         (and resends it after a reconnect) until its PUBACK arrives."""
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info.mid
@@ -213,6 +213,7 @@ class MQTTConnection:
     ) -> None:
         if reason_code.is_failure:
             self._refused = True
+            self.refusals += 1
             self._log_state(f"broker {self.address} refused the connection: {reason_code}", True)
             return
         self._refused = False

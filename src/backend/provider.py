@@ -157,6 +157,9 @@ class Provider(abc.ABC):
 
     #: the largest payload the server takes; the config cannot raise it
     server_max_payload_bytes: int = 2**28
+    #: whether the station's state report and presence go out beside the data
+    #: (where the fleet's configs come from: Tenta's config topics)
+    reports_state: bool = False
 
     @abc.abstractmethod
     def subscriptions(self) -> list[str]:

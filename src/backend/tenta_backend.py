@@ -87,6 +87,8 @@ def measurement_problem(key: str, value: Any) -> str | None:
 class TentaProvider(Provider):
     """The Tenta protocol."""
 
+    reports_state = True
+
     def subscriptions(self) -> list[str]:
         """The station's configuration topic."""
         return [f"configurations/{self.identifier}"]

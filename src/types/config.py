@@ -272,19 +272,9 @@ class BrokerAddress(_Section):
     mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
 
 
-class BackendConfig(_Section):
-    provider: str = Field(..., description="Protocol spoken.", json_schema_extra=_provider_enum)
-
-    @pydantic.field_validator("provider")
-    @classmethod
-    def _known_provider(cls, provider: str) -> str:
-        known = backend_provider_names()
-        if provider not in known:
-            expected = " or ".join(", ".join(repr(n) for n in known).rsplit(", ", 1))
-            raise PydanticCustomError(
-                "literal_error", "Input should be {expected}", {"expected": expected}
-            )
-        return provider
+class BrokerConnection(_Section):
+    """How to reach and log in to an MQTT broker: a backend section's
+    connection fields, and the `broker` of a fleet inventory."""
 
     mqtt_host: str = Field(..., pattern=_HOSTNAME_PATTERN, description="Broker host.")
     mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
@@ -299,6 +289,22 @@ class BackendConfig(_Section):
     )
     mqtt_protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version.")
     tls: TLSConfig | None = Field(None, description="TLS settings; null: plain TCP.")
+
+
+class BackendConfig(BrokerConnection):
+    provider: str = Field(..., description="Protocol spoken.", json_schema_extra=_provider_enum)
+
+    @pydantic.field_validator("provider")
+    @classmethod
+    def _known_provider(cls, provider: str) -> str:
+        known = backend_provider_names()
+        if provider not in known:
+            expected = " or ".join(", ".join(repr(n) for n in known).rsplit(", ", 1))
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": expected}
+            )
+        return provider
+
     max_parallel_messages: int = Field(
         50, ge=1, le=10_000, description="Publishes awaiting their PUBACK at once."
     )
@@ -361,6 +367,15 @@ class BackendConfig(_Section):
             "After an outage, send the data backlog oldest first, or what is measured now "
             "first and the backlog after it (for dashboards that care about the present); "
             "logs and config answers always go first, and everything arrives either way."
+        ),
+    )
+
+    report_state: bool = Field(
+        True,
+        description=(
+            "Tenta: publish the station's state (retained, ivy/<id>/state) and presence "
+            "(ivy/<id>/presence, offline by the broker's last will) for `ivy fleet`; turn "
+            "off where the broker's ACL refuses those topics."
         ),
     )
 

@@ -119,6 +119,14 @@ class ConfigOutcome(_StateModel):
     at: float
 
 
+class ConfigRefusal(_StateModel):
+    """A config refused on arrival (never verified): its digest and why."""
+
+    digest: str
+    reason: str
+    at: float
+
+
 # procedure name -> the model of its own state section, registered by
 # `src.procedures` (this layer cannot import procedures)
 _PROCEDURE_STATES: dict[str, type[pydantic.BaseModel]] = {}
@@ -164,6 +172,8 @@ class State(_StateModel):
     update_in_progress: UpdateProgress | None = None
     # the last configs' outcomes, newest last (bounded)
     config_outcomes: list[ConfigOutcome] = Field(default_factory=list)
+    # the newest config refused on arrival, for the station's state report
+    last_refused_config: ConfigRefusal | None = None
 
     @pydantic.model_validator(mode="after")
     def _procedure_sections(self) -> State:

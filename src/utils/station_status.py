@@ -26,6 +26,9 @@ from .state_interface import StateInterface
 from .update.trust import TrustError, load_policy, summary
 
 _RESTART_GRACE = 120.0  # seconds a dead child may wait for its restart (backoff)
+# `ivy status`'s health thresholds unless told otherwise (the state reports use them)
+DEFAULT_MAX_DISCONNECTED_SECONDS = 600.0
+DEFAULT_MAX_QUEUE_AGE_SECONDS = 3600.0
 
 
 def collect_status() -> StationStatus:
@@ -109,7 +112,9 @@ def trust_lines() -> list[str]:
 
 
 def health_problems(
-    status: StationStatus, max_disconnected_seconds: float, max_queue_age_seconds: float
+    status: StationStatus,
+    max_disconnected_seconds: float = DEFAULT_MAX_DISCONNECTED_SECONDS,
+    max_queue_age_seconds: float = DEFAULT_MAX_QUEUE_AGE_SECONDS,
 ) -> list[str]:
     """Why a running station is unhealthy (empty: healthy): a child dead or
     crash-looping, the backend disconnected for longer than allowed, the

@@ -19,7 +19,7 @@ from src import constants
 from src.types import ConfigMessageBody
 from src.types.config import mask_secrets, secret_values
 from src.types.messages import SoftwareUpdateState
-from src.types.state import ConfigOutcome, PendingConfig
+from src.types.state import ConfigOutcome, ConfigRefusal, PendingConfig
 
 from ..logger import Logger
 from ..messaging_agent import MessagingAgent
@@ -136,6 +136,8 @@ class UnverifiedAnswers:
             text += f" ({self.unanswered} more unverified config(s) before it were not answered)"
             self.unanswered = 0
         self.logger.warning("rejected an unverified config", details=text)
+        with StateInterface.update() as state:
+            state.last_refused_config = ConfigRefusal(digest=digest, reason=text, at=time.time())
         self.messaging_agent.add_message(
             ConfigMessageBody(
                 status="rejected",

@@ -20,6 +20,7 @@ from src.types.state import PendingConfig
 from ..state_interface import StateInterface
 from .admission import mark_handled
 from .answers import Answers, record_config_outcome
+from .config_history import keep_previous
 from .health import HealthWatch, fatal_problem
 from .journal import ConfigTrialRecord, edit_journal, load_journal
 from .paths import previous_config_path
@@ -102,6 +103,7 @@ def accept(pending: PendingConfig, answers: Answers) -> None:
     revision = pending.config.general.config_revision
     answers.acknowledge(pending, "accepted")
     record_config_outcome(revision, pending.config.general.software_version.root, "accepted")
+    keep_previous(previous_config_path(), revision)
     _end_trial_record()
     answers.logger.info(f"accepted config revision {revision}: healthy")
 

@@ -7,8 +7,10 @@ An envelope is a JSON object with exactly two keys:
     {"signed": "<JSON text of the document>", "signature": "-----BEGIN SSH SIGNATURE-----..."}
 
 The signature covers the exact bytes of `signed`, a document with the config
-(or, for a fleet rollout, a JSON merge patch), the stations it is for, when
-it was signed and when it expires:
+(or, for a fleet rollout, a JSON merge patch, `"patch": {...}`, merged into
+the station's running config; or `"revert": n`, the config the station ran
+before revision n), the stations it is for, when it was signed and when it
+expires:
 
     {"format": "ivy-signed-config/1", "config": {...}, "stations": ["id", ...],
      "signed_at": 1764640000.123456, "expires_at": null}
@@ -55,6 +57,8 @@ class SignedDocument(pydantic.BaseModel):
     format: Literal["ivy-signed-config/1"]
     config: dict[str, Any] | None = None
     patch: dict[str, Any] | None = None
+    # the revision whose predecessor the station is to run again
+    revert: int | None = Field(None, ge=0, lt=2**31)
     stations: list[str] = Field(..., min_length=1, max_length=100_000)
     signed_at: float = Field(..., gt=0, allow_inf_nan=False)
     expires_at: float | None = Field(None, allow_inf_nan=False)
@@ -69,8 +73,9 @@ class SignedDocument(pydantic.BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _one_change(self) -> SignedDocument:
-        if (self.config is None) == (self.patch is None):
-            raise ValueError("a signed document holds either config or patch")
+        changes = [c for c in (self.config, self.patch, self.revert) if c is not None]
+        if len(changes) != 1:
+            raise ValueError("a signed document holds exactly one of config, patch and revert")
         return self
 
 
@@ -184,22 +189,25 @@ def _utc(timestamp: float) -> str:
 
 
 def signed_document_text(
-    change: dict[str, Any],
+    change: dict[str, Any] | int,
     stations: list[str],
     *,
-    kind: Literal["config", "patch"] = "config",
+    kind: Literal["config", "patch", "revert"] = "config",
     expires_in_seconds: float | None = None,
     now: float | None = None,
 ) -> str:
-    """The document to sign, as JSON text: `change` (a config or a merge
-    patch) for `stations`, signed now, expiring after `expires_in_seconds`."""
+    """The document to sign, as JSON text: `change` (a config, a merge patch
+    or the revision to revert) for `stations`, signed now, expiring after
+    `expires_in_seconds`."""
     signed_at = time.time() if now is None else now
-    document = SignedDocument(
-        format=SIGNED_CONFIG_FORMAT,
-        stations=stations,
-        signed_at=round(signed_at, 6),
-        expires_at=None if expires_in_seconds is None else signed_at + expires_in_seconds,
-        **{kind: change},
+    document = SignedDocument.model_validate(
+        {
+            "format": SIGNED_CONFIG_FORMAT,
+            "stations": stations,
+            "signed_at": round(signed_at, 6),
+            "expires_at": None if expires_in_seconds is None else signed_at + expires_in_seconds,
+            kind: change,
+        }
     )
     return json.dumps(document.model_dump(exclude_none=True), sort_keys=True, ensure_ascii=False)
 

@@ -1,0 +1,87 @@
+"""What a station tells the fleet about itself over its broker, and the topics
+it uses: `ivy/<id>/state` (retained, a `StationReport`, small and bounded:
+updated on change and every few minutes) and `ivy/<id>/presence` (retained,
+`{"online": bool, "at": ...}`; the broker's last will says offline when the
+station vanishes). `ivy fleet` reads both; Tenta ignores topics it does not
+know."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+STATE_FORMAT: Literal["ivy-station-state/1"] = "ivy-station-state/1"
+# a report stays far below any broker's packet limit
+MAX_PROBLEMS = 10
+MAX_TEXT_CHARS = 500
+
+
+def state_topic(station: str) -> str:
+    """The retained topic of a station's state report."""
+    return f"ivy/{station}/state"
+
+
+def presence_topic(station: str) -> str:
+    """The retained topic of a station's presence (online, or offline by its
+    last will)."""
+    return f"ivy/{station}/presence"
+
+
+def presence_payload(online: bool, at: float | None = None) -> bytes:
+    """The presence message (the last will says offline without a time)."""
+    body: dict[str, object] = {"online": online}
+    if at is not None:
+        body["at"] = round(at, 3)
+    return json.dumps(body).encode()
+
+
+def clipped(text: str | None) -> str | None:
+    """`text` cut to the report's bound."""
+    if text is None or len(text) <= MAX_TEXT_CHARS:
+        return text
+    return text[: MAX_TEXT_CHARS - 1] + "…"
+
+
+class ConfigAnswerReport(pydantic.BaseModel):
+    """How the station's newest verified config ended (or where it is)."""
+
+    revision: int
+    status: str
+    reason: str | None = None
+    at: float
+
+
+class RefusalReport(pydantic.BaseModel):
+    """The newest config refused on arrival (unsigned, bad signature, not for
+    this station, replayed): only its digest, so that the sender can tell its
+    own payload from anyone else's."""
+
+    digest: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    reason: str
+    at: float
+
+
+class StationReport(pydantic.BaseModel):
+    """One station's state as `ivy fleet status` shows it."""
+
+    format: Literal["ivy-station-state/1"] = STATE_FORMAT
+    station: str
+    version: str
+    config_revision: int | None
+    running: bool
+    healthy: bool
+    problems: list[str] = Field(default_factory=list, max_length=MAX_PROBLEMS)
+    backlog: int
+    oldest_unsent_age_seconds: float | None = None
+    last_config: ConfigAnswerReport | None = None
+    last_refused: RefusalReport | None = None
+    reported_at: float = Field(default_factory=time.time)
+
+    def fingerprint(self) -> str:
+        """The report without its time and the fast-moving backlog figures:
+        a change in it is worth a publish at once."""
+        return self.model_dump_json(exclude={"reported_at", "backlog", "oldest_unsent_age_seconds"})
