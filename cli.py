@@ -19,10 +19,12 @@ import click
 
 from src import constants
 from src import procedures as procedure_modules
+from src.fleet.commands import fleet
 from src.types import Config, ConfigError
 from src.types.config import LEGACY_DESTINATION, MIN_MASKED_SECRET_LENGTH, secret_values
 from src.types.status import DestinationStatus, StationStatus
 from src.utils import mainloop_toggle
+from src.utils.durations import parse_duration
 from src.utils.lifecycle_manager import backend_teardown_seconds
 from src.utils.log_reader import (
     TimeArgumentError,
@@ -33,7 +35,12 @@ from src.utils.log_reader import (
 )
 from src.utils.message_export import select_messages, write_messages
 from src.utils.messaging_agent import MessagingAgent
-from src.utils.station_status import collect_status, health_problems
+from src.utils.station_status import (
+    DEFAULT_MAX_DISCONNECTED_SECONDS,
+    DEFAULT_MAX_QUEUE_AGE_SECONDS,
+    collect_status,
+    health_problems,
+)
 
 
 def _fail(message: str) -> NoReturn:
@@ -159,13 +166,13 @@ def _age(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option(
     "--max-disconnected",
-    default=600.0,
+    default=DEFAULT_MAX_DISCONNECTED_SECONDS,
     show_default=True,
     help="Seconds the backend may be disconnected before the station counts as unhealthy.",
 )
 @click.option(
     "--max-queue-age",
-    default=3600.0,
+    default=DEFAULT_MAX_QUEUE_AGE_SECONDS,
     show_default=True,
     help="Seconds the oldest unsent message may wait before the station counts as unhealthy.",
 )
@@ -652,17 +659,10 @@ def _wait_for_config_outcome(revision: int, wait: float) -> None:
 
 
 def _parse_duration(value: str) -> float:
-    """`30min`, `12h`, `7d`, `90s` -> seconds."""
-    units = {"s": 1, "min": 60, "h": 3600, "d": 86400}
-    for unit in sorted(units, key=len, reverse=True):
-        if value.endswith(unit):
-            try:
-                number = float(value[: -len(unit)])
-            except ValueError:
-                break
-            if number > 0:
-                return number * units[unit]
-    raise click.BadParameter(f"{value!r} is not a duration such as 90s, 30min, 12h or 7d")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @config.command("sign")
@@ -679,11 +679,19 @@ def _parse_duration(value: str) -> float:
     "(default: the config's general.system_identifier).",
 )
 @click.option("--expires", help="Refused by stations after this long: 90s, 30min, 12h, 7d.")
-def config_sign(path: str, key: str, stations: str | None, expires: str | None) -> None:
-    """Sign a config for the stations it is for and print the envelope that
-    goes where a config goes (Tenta's `configuration`, ThingsBoard's
-    `configuration` attribute). Run it on the operator's machine: the key
-    never goes near a station."""
+@click.option(
+    "--patch",
+    is_flag=True,
+    help="PATH is a JSON merge patch (RFC 7396) that each station merges into its running "
+    "config, instead of a whole config (needs --stations).",
+)
+def config_sign(
+    path: str, key: str, stations: str | None, expires: str | None, patch: bool
+) -> None:
+    """Sign a config (or a merge patch) for the stations it is for and print
+    the envelope that goes where a config goes (Tenta's `configuration`,
+    ThingsBoard's `configuration` attribute). Run it on the operator's
+    machine: the key never goes near a station."""
     from src.types.config import general_field_of
     from src.utils.update.admission import parse_json_object
     from src.utils.update.signatures import (
@@ -700,12 +708,16 @@ def config_sign(path: str, key: str, stations: str | None, expires: str | None) 
         targets = [s.strip() for s in stations.split(",") if s.strip()]
     else:
         identifier = general_field_of(raw, "system_identifier")
+        if patch:
+            _fail("a patch is for the stations you name: give --stations")
         if not isinstance(identifier, str):
             _fail(f"{path}: general.system_identifier is missing; name the stations (--stations)")
         targets = [identifier]
     expires_in = _parse_duration(expires) if expires else None
     try:
-        text = signed_document_text(raw, targets, expires_in_seconds=expires_in)
+        text = signed_document_text(
+            raw, targets, kind="patch" if patch else "config", expires_in_seconds=expires_in
+        )
         signature = sign_text(text, key)
     except (SignatureError, ValueError) as e:
         _fail(f"cannot sign: {e}")
@@ -991,6 +1003,9 @@ def setup(
             ]
         )
     )
+
+
+cli.add_command(fleet)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+"""The operator's connection to the fleet's broker: a persistent session (so
+that answers published while the operator's laptop sleeps wait for it) that
+collects every station's retained state report and presence, the retained
+configs on `configurations/<id>` (what a halt puts back) and the stations'
+acknowledgments. paho's network thread only fills the tables; readers take
+copies under a lock."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+import pydantic
+from paho.mqtt.enums import MQTTErrorCode
+
+from src.types.config import BrokerConnection
+from src.types.fleet import StationReport
+from src.utils.mqtt_client import connect_arguments, new_mqtt_client
+
+SUBSCRIPTIONS = ("ivy/+/state", "ivy/+/presence", "configurations/+", "acknowledgments/+")
+_PUBLISH_TIMEOUT_SECONDS = 30.0
+# a station's answers kept per station (newest last)
+_ANSWERS_KEPT = 64
+
+
+class FleetBrokerError(Exception):
+    """The broker cannot be reached or refused us; the message says why."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One acknowledgment a station published (Tenta's format)."""
+
+    revision: int
+    success: bool
+    received_at: float
+
+
+@dataclass
+class Sightings:
+    """What the broker told us about one station."""
+
+    report: StationReport | None = None
+    report_received_at: float | None = None
+    online: bool | None = None
+    presence_at: float | None = None
+    retained_config: bytes | None = None
+    answers: list[Answer] = field(default_factory=list)
+
+
+class FleetBroker:
+    """A connected fleet client. Use as a context manager."""
+
+    def __init__(self, settings: BrokerConnection, stations: list[str]) -> None:
+        """Prepare a client for `stations` (others' messages are ignored)."""
+        self.settings = settings
+        self.stations = set(stations)
+        self.client = new_mqtt_client(settings)
+        self.lock = threading.Lock()
+        self.sightings: dict[str, Sightings] = {s: Sightings() for s in stations}
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.refusal: str | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+
+    def __enter__(self) -> FleetBroker:
+        """Connect and subscribe; raise `FleetBrokerError` if that fails."""
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float = 20.0) -> None:
+        """Connect, subscribe, and wait until the broker confirmed the
+        subscriptions (its retained messages follow them)."""
+        clean_start, properties = connect_arguments(self.settings)
+        try:
+            self.client.connect(
+                self.settings.mqtt_host,
+                self.settings.mqtt_port,
+                keepalive=30,
+                clean_start=clean_start,
+                properties=properties,
+            )
+        except (OSError, ValueError) as e:
+            raise FleetBrokerError(
+                f"cannot reach the broker {self.settings.mqtt_host}:{self.settings.mqtt_port}: {e}"
+            ) from None
+        self.client.loop_start()
+        if not self.subscribed.wait(timeout):
+            self.close()
+            why = self.refusal or "no answer"
+            raise FleetBrokerError(
+                f"the broker {self.settings.mqtt_host}:{self.settings.mqtt_port} did not take "
+                f"our subscriptions within {timeout:.0f} s ({why})"
+            )
+
+    def close(self) -> None:
+        """Disconnect (the session stays with the broker) and stop the thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def settle(self, seconds: float = 2.0) -> None:
+        """Give the broker time to deliver the retained messages and what the
+        session queued: until every station was heard of, or `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(s.report is not None for s in self.sightings.values()):
+                    return
+            time.sleep(0.05)
+
+    def seen(self, station: str) -> Sightings:
+        """A copy of what is known of `station`."""
+        with self.lock:
+            sightings = self.sightings[station]
+            return Sightings(
+                sightings.report,
+                sightings.report_received_at,
+                sightings.online,
+                sightings.presence_at,
+                sightings.retained_config,
+                list(sightings.answers),
+            )
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish retained with QoS 1 and wait for the broker's PUBACK;
+        `FleetBrokerError` when it does not come. An empty payload clears the
+        retained message."""
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise FleetBrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        try:
+            info.wait_for_publish(_PUBLISH_TIMEOUT_SECONDS)
+        except (RuntimeError, ValueError) as e:
+            raise FleetBrokerError(f"publish to {topic} failed: {e}") from None
+        if not info.is_published():
+            raise FleetBrokerError(
+                f"the broker did not acknowledge the publish to {topic} within "
+                f"{_PUBLISH_TIMEOUT_SECONDS:.0f} s"
+            )
+        with self.lock:
+            station = topic.rsplit("/", 1)[-1]
+            if topic.startswith("configurations/") and station in self.sightings:
+                self.sightings[station].retained_config = payload or None
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: object,
+        properties: object,
+    ) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.refusal = f"the broker refused the connection: {reason_code}"
+            return
+        self.connected.set()
+        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+
+    def _on_subscribe(self, client: mqtt.Client, *args: object) -> None:
+        self.subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, *args: object) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic.split("/")
+        station = parts[1] if parts[0] == "ivy" and len(parts) == 3 else parts[-1]
+        if station not in self.stations:
+            return
+        payload = bytes(message.payload)
+        now = time.time()
+        with self.lock:
+            sightings = self.sightings[station]
+            if parts[0] == "ivy" and parts[2] == "state":
+                try:
+                    report = StationReport.model_validate_json(payload)
+                except pydantic.ValidationError:
+                    return  # a station of another version, or not a station at all
+                if report.station == station:
+                    sightings.report = report
+                    sightings.report_received_at = now
+            elif parts[0] == "ivy" and parts[2] == "presence":
+                try:
+                    presence = json.loads(payload)
+                except ValueError:
+                    return
+                if isinstance(presence, dict) and isinstance(presence.get("online"), bool):
+                    sightings.online = presence["online"]
+                    at = presence.get("at")
+                    sightings.presence_at = float(at) if isinstance(at, (int, float)) else now
+            elif parts[0] == "configurations" and len(parts) == 2:
+                sightings.retained_config = payload or None
+            elif parts[0] == "acknowledgments" and len(parts) == 2:
+                sightings.answers = [*sightings.answers, *_answers_in(payload, now)][
+                    -_ANSWERS_KEPT:
+                ]
+
+
+def _answers_in(payload: bytes, now: float) -> list[Answer]:
+    """The acknowledgments in one Tenta payload (a JSON array); anything
+    else is ignored."""
+    try:
+        items = json.loads(payload)
+    except ValueError:
+        return []
+    found = []
+    for item in items if isinstance(items, list) else []:
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("revision"), int)
+            and isinstance(item.get("success"), bool)
+        ):
+            found.append(Answer(item["revision"], item["success"], now))
+    return found
