@@ -175,10 +175,10 @@ class Station:
         return os.path.join(self.data_dir, *parts)
 
 
-@pytest.fixture
-def station(tmp_path: Any) -> Iterator[Station]:
-    """A station copy whose processes are killed at the end, whatever happened."""
-    project_dir = str(tmp_path / "project")
+def make_station(directory: str) -> Station:
+    """A station copy under `directory` (project, data dir, root), trusting
+    the session's operator key for configs."""
+    project_dir = os.path.join(directory, "project")
     os.makedirs(os.path.join(project_dir, "config"))
     for name in ("run.py", "cli.py", "pyproject.toml"):
         shutil.copy(os.path.join(PROJECT_DIR, name), project_dir)
@@ -193,20 +193,31 @@ def station(tmp_path: Any) -> Iterator[Station]:
     )
     env = {
         **os.environ,
-        "IVY_ROOT_DIR": str(tmp_path / "root"),
-        "IVY_DATA_DIR": str(tmp_path / "station-data"),
+        "IVY_ROOT_DIR": os.path.join(directory, "root"),
+        "IVY_DATA_DIR": os.path.join(directory, "station-data"),
         "PYTHONUNBUFFERED": "1",
     }
-    s = Station(project_dir=project_dir, data_dir=env["IVY_DATA_DIR"], env=env)
     trust_station(env["IVY_ROOT_DIR"], [operator_key()])
+    return Station(project_dir=project_dir, data_dir=env["IVY_DATA_DIR"], env=env)
+
+
+def kill_station(station: Station) -> None:
+    """SIGKILL every process of the station, whatever state it is in."""
+    for p in station.processes():
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture
+def station(tmp_path: Any) -> Iterator[Station]:
+    """A station copy whose processes are killed at the end, whatever happened."""
+    s = make_station(str(tmp_path))
     try:
         yield s
     finally:
-        for p in s.processes():
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
+        kill_station(s)
 
 
 class BackendProcess:

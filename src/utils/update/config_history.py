@@ -14,6 +14,9 @@ from typing import Any
 
 from src import constants
 
+from .journal import load_journal
+from .paths import previous_config_path
+
 KEPT = 5
 
 
@@ -47,10 +50,15 @@ def keep_previous(previous_path: str, revision: int) -> None:
 
 
 def config_before(revision: int) -> dict[str, Any] | None:
-    """The raw config that ran before `revision` was accepted, or None when
-    this station keeps none for it."""
+    """The raw config that ran before `revision` was accepted (or before it
+    was put on the trial that is still running), or None when this station
+    keeps none for it."""
+    path = _path_before(revision)
+    trial = load_journal().config_trial
+    if not os.path.isfile(path) and trial is not None and trial.config_revision == revision:
+        path = previous_config_path()
     try:
-        with open(_path_before(revision), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError):
         return None
