@@ -150,10 +150,17 @@ class Fleet:
         ]
 
     def targets(self) -> dict[str, str]:
+        """The newest rollout's stations and their status ({} before it is stored)."""
+        if not os.path.exists(self.store):
+            return {}
         with sqlite3.connect(self.store) as db:
-            rows = db.execute(
-                "SELECT station, status FROM targets WHERE rollout = (SELECT max(id) FROM rollouts)"
-            ).fetchall()
+            try:
+                rows = db.execute(
+                    "SELECT station, status FROM targets "
+                    "WHERE rollout = (SELECT max(id) FROM rollouts)"
+                ).fetchall()
+            except sqlite3.OperationalError:  # the rollout is creating it
+                return {}
         return dict(rows)
 
     def setting(self, identifier: str) -> int:
