@@ -14,7 +14,7 @@ BenchmarkFunction = Callable[[bool], Iterator[Figure]]
 
 def registry() -> dict[str, BenchmarkFunction]:
     """Every benchmark by name, imported lazily."""
-    from . import destinations, drain, enqueue, export, footprint, trust, update
+    from . import destinations, drain, enqueue, export, fleet, footprint, trust, update
 
     return {
         "enqueue": enqueue.run,
@@ -26,7 +26,12 @@ def registry() -> dict[str, BenchmarkFunction]:
         "update": update.run,
         "trust": trust.run,
         "footprint": footprint.run,
+        "fleet": fleet.run,
     }
+
+
+# run only when named: minutes of 50 real stations, not part of a plain run
+EXPLICIT_ONLY = {"fleet"}
 
 
 def main() -> int:
@@ -34,14 +39,17 @@ def main() -> int:
     benchmarks = registry()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"any of {', '.join(benchmarks)} (default: all)"
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"any of {', '.join(benchmarks)} (default: all but {', '.join(EXPLICIT_ONLY)})",
     )
     parser.add_argument("--quick", action="store_true", help="smaller runs, well under a minute")
     args = parser.parse_args()
     unknown = [name for name in args.names if name not in benchmarks]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
-    for name in args.names or list(benchmarks):
+    for name in args.names or [n for n in benchmarks if n not in EXPLICIT_ONLY]:
         for figure in benchmarks[name](args.quick):
             print(figure.to_json(), flush=True)
     return 0

@@ -43,8 +43,8 @@ from .common import Figure
 from .drain import _fill, connection_time, tenta_config
 from .mosquitto import Broker
 
-_RECONNECT_CAP_S = 8  # reconnect_max_seconds of the backends, max delay of the raw clients
-_OUTAGE_S = 10.0
+RECONNECT_CAP_S = 8  # reconnect_max_seconds of the backends, max delay of the raw clients
+OUTAGE_S = 10.0
 
 
 def _destination(port: int, client_id: str, **settings: Any) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def _destination(port: int, client_id: str, **settings: Any) -> dict[str, Any]:
         "mqtt_port": port,
         "mqtt_client_id": client_id,
         "max_parallel_messages": 50,
-        "reconnect_max_seconds": _RECONNECT_CAP_S,
+        "reconnect_max_seconds": RECONNECT_CAP_S,
         **settings,
     }
 
@@ -169,7 +169,7 @@ def run_destinations(quick: bool) -> Iterator[Figure]:
     yield Figure("destinations", "both_draining_second", second_of_both, unit, baseline, single)
 
 
-def _busiest_second_share(moments: list[float]) -> float:
+def busiest_second_share(moments: list[float]) -> float:
     """The largest share of `moments` that falls into any one-second window."""
     moments = sorted(moments)
     best, start = 0, 0
@@ -193,7 +193,7 @@ def _backends_reconnect(directory: str, broker: Broker, n: int) -> list[float]:
     try:
         _wait_all_connected(directory, n, since=0.0)
         broker.stop()
-        time.sleep(_OUTAGE_S)
+        time.sleep(OUTAGE_S)
         restarted = time.time()
         broker.start()
         return _wait_all_connected(directory, n, since=restarted)
@@ -219,7 +219,7 @@ def _wait_all_connected(directory: str, n: int, since: float) -> list[float]:
     raise RuntimeError("not every backend reconnected")
 
 
-def _raw_clients_reconnect(broker: Broker, n: int) -> list[float]:
+def raw_clients_reconnect(broker: Broker, n: int) -> list[float]:
     """n raw paho clients with paho's exponential backoff capped at the same
     maximum; when each reconnected after the same outage."""
     connected: dict[int, float] = {}
@@ -234,14 +234,14 @@ def _raw_clients_reconnect(broker: Broker, n: int) -> list[float]:
                     connected.setdefault(index, time.time())
 
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"raw-{i}")
-        client.reconnect_delay_set(1, _RECONNECT_CAP_S)
+        client.reconnect_delay_set(1, RECONNECT_CAP_S)
         client.on_connect = on_connect
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
         clients.append(client)
     try:
         broker.stop()
-        time.sleep(_OUTAGE_S)
+        time.sleep(OUTAGE_S)
         restarted[0] = time.time()
         broker.start()
         deadline = time.monotonic() + 120
@@ -263,14 +263,14 @@ def run_reconnect(quick: bool) -> Iterator[Figure]:
         tempfile.TemporaryDirectory(prefix="ivy-bench-reconnect-") as directory,
         Broker.running(os.path.join(directory, "broker")) as broker,
     ):
-        ours = _busiest_second_share(_backends_reconnect(directory, broker, n))
-        raw = _busiest_second_share(_raw_clients_reconnect(broker, n))
+        ours = busiest_second_share(_backends_reconnect(directory, broker, n))
+        raw = busiest_second_share(raw_clients_reconnect(broker, n))
     yield Figure(
         "reconnect",
         "busiest_second_share",
         ours,
         f"share of {n} stations reconnecting in the busiest second after a "
-        f"{_OUTAGE_S:.0f} s broker outage (lower is better)",
-        f"{n} raw paho-mqtt clients, paho's exponential backoff capped at {_RECONNECT_CAP_S} s",
+        f"{OUTAGE_S:.0f} s broker outage (lower is better)",
+        f"{n} raw paho-mqtt clients, paho's exponential backoff capped at {RECONNECT_CAP_S} s",
         raw,
     )

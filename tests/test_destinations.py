@@ -210,3 +210,14 @@ def test_a_cursor_skips_the_rows_of_other_destinations() -> None:
     assert ids(live.rows) == list(range(1, 11)) and live.looked_up_to == 10
     rest = agent.take_stream_rows(1_000, destination="all", stream="data", after_id=10, up_to=200)
     assert len(rest.rows) == 190 and rest.looked_up_to == 200
+
+
+def test_archiving_never_deletes_a_row_kept_for_a_destination_another_process_added() -> None:
+    main_loop = MessagingAgent()
+    main_loop.sync_destinations({"a": (frozenset({"data"}), 10_000)})
+    backend = MessagingAgent()
+    backend.ensure_destination("b", frozenset({"log"}), 10_000)
+    backend.add_messages([LogMessageBody(level="INFO", subject="for b", body="")])
+    assert main_loop.flush_archive() == 1
+    assert backend.get_queue_depth("b") == 1
+    assert len(backend.get_oldest_rows(10, destination="b")) == 1

@@ -64,6 +64,7 @@ class Admitted:
     config: dict[str, Any]
     signed_at: float | None = None
     signer: str | None = None
+    revision: int | None = None  # signed with the change
 
 
 def _utc(timestamp: float) -> str:
@@ -113,7 +114,20 @@ class ConfigReceiver:
         except SignatureError as e:
             self._reject_unverified(str(e), digest, claimed)
             return
-        config = _with_revision(admitted.config, received.server_revision)
+        if admitted.revision is not None and received.server_revision not in (
+            None,
+            admitted.revision,
+        ):
+            # the topic's revision is not signed: whoever changed it is not the signer
+            self._reject_unverified(
+                f"revision: the message says {received.server_revision}, the signed change "
+                f"says {admitted.revision}",
+                digest,
+                claimed,
+            )
+            return
+        revision = admitted.revision if admitted.revision is not None else received.server_revision
+        config = _with_revision(admitted.config, revision)
         try:
             foreign = ForeignConfig.model_validate(config)
         except pydantic.ValidationError as e:
@@ -161,7 +175,12 @@ class ConfigReceiver:
         if is_envelope(raw):
             verified = verify_envelope(raw, config_signers_path(), self.station)
             document = verified.document
-            return Admitted(self._requested_config(document), document.signed_at, verified.signer)
+            return Admitted(
+                self._requested_config(document),
+                document.signed_at,
+                verified.signer,
+                document.revision,
+            )
         if policy.accept_unsigned_configs:
             return Admitted(raw)
         raise SignatureError(
@@ -176,8 +195,7 @@ class ConfigReceiver:
         if document.config is not None:
             return document.config
         if document.patch is not None:
-            running = json.loads(self.running.to_json(reveal_secrets=True))
-            merged = merge_patch(running, document.patch)
+            merged = merge_patch(self._patch_base(), document.patch)
             return merged if isinstance(merged, dict) else {}
         assert document.revert is not None
         before = config_before(document.revert)
@@ -186,6 +204,17 @@ class ConfigReceiver:
                 f"revert: this station keeps no config from before revision {document.revert}"
             )
         return before
+
+    def _patch_base(self) -> dict[str, Any]:
+        """What a patch applies to: the newest signed config still queued for
+        the updater (patches that arrive together, as after days away, build
+        on each other instead of the later undoing the earlier), else the
+        running config."""
+        queued = [p for p in StateInterface.load().pending if p.signed_at is not None]
+        if queued:
+            return max(queued, key=lambda p: p.signed_at or 0.0).config.to_dict()
+        base: dict[str, Any] = json.loads(self.running.to_json(reveal_secrets=True))
+        return base
 
     def _ignore(self, digest: str, revision: int) -> None:
         if digest not in self.ignored:

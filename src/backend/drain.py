@@ -377,12 +377,12 @@ class Drainer:
         self._renew_connection()
 
     def _report_state(self) -> None:
-        """Presence and state report; once reporting is off, a connection
-        without the last will (a broker may refuse one its ACL denies)."""
+        """Presence and state report; while reporting is off, a connection
+        without the last will, and with it again once reporting is back."""
         if self.reporter is None:
             return
         self.reporter.tick(self.connection)
-        if not self.reporter.enabled and self.connection.presence is not None:
+        if self.reporter.enabled != (self.connection.presence is not None):
             self._renew_connection()
 
     def _send_gap_record(self) -> None:

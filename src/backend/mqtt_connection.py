@@ -101,7 +101,6 @@ class MQTTConnection:
             connected=False, detail="connecting", since=time.time(), broker=self.address
         )
         self.disconnects = 0  # connections lost after the broker had accepted them
-        self.refusals = 0  # connections the broker refused (CONNACK with a failure)
 
         self.client = new_mqtt_client(config)
         if presence is not None:
@@ -213,7 +212,6 @@ class MQTTConnection:
     ) -> None:
         if reason_code.is_failure:
             self._refused = True
-            self.refusals += 1
             self._log_state(f"broker {self.address} refused the connection: {reason_code}", True)
             return
         self._refused = False

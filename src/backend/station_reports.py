@@ -5,16 +5,20 @@ minutes anyway, retained, so that an operator sees every station at once
 without asking any of them.
 
 A broker whose ACL refuses these topics must not cost the data anything:
-a report the broker refuses (an MQTT 5 reason code) turns reporting off, and
-so do connection losses while a report was outstanding, twice in a row with
-no report acknowledged in between (brokers that close the connection on a
-denied publish)."""
+a report the broker refuses (an MQTT 5 reason code) turns reporting off for
+an hour, and so do connection losses while a report was outstanding, twice
+in a row with no report acknowledged in between (brokers that close the
+connection on a denied publish); meanwhile the connection has no last will.
+(Mosquitto takes a connection whose last will its ACL denies and drops the
+will; a broker that refuses such connections needs `report_state: false`.)"""
 
 from __future__ import annotations
 
+import json
 import time
 
 from src.types import Config
+from src.types.config import mask_secrets, secret_values, without_url_credentials
 from src.types.fleet import (
     MAX_PROBLEMS,
     ConfigAnswerReport,
@@ -33,12 +37,21 @@ from .mqtt_connection import MQTTConnection, Presence
 
 CHECK_SECONDS = 5.0
 REFRESH_SECONDS = 300.0
-_STRIKES = 2  # drops while a report was outstanding, or refused connections
+_STRIKES = 2  # connection drops while a report was outstanding
+RETRY_SECONDS = 3_600.0
 
 
 def station_report(config: Config) -> StationReport:
     """The station's state now, as `ivy status` judges it (its default
-    thresholds), bounded in size."""
+    thresholds), bounded in size, every text with the config's secrets and
+    URL credentials masked (a child's last error may quote either)."""
+    secrets = secret_values(json.loads(config.to_json(reveal_secrets=True)))
+
+    def masked(text: str | None) -> str | None:
+        if text is None:
+            return None
+        return clipped(mask_secrets(without_url_credentials(text), secrets))
+
     status = collect_status()
     problems = health_problems(status)
     state = StateInterface.load()
@@ -50,7 +63,7 @@ def station_report(config: Config) -> StationReport:
         config_revision=status.config.revision,
         running=status.running,
         healthy=status.running and not problems,
-        problems=[clipped(p) or "" for p in problems[:MAX_PROBLEMS]],
+        problems=[masked(p) or "" for p in problems[:MAX_PROBLEMS]],
         backlog=status.queue.depth,
         oldest_unsent_age_seconds=status.queue.oldest_age_seconds,
         last_config=None
@@ -58,7 +71,7 @@ def station_report(config: Config) -> StationReport:
         else ConfigAnswerReport(
             revision=outcome.config_revision,
             status=outcome.status,
-            reason=clipped(outcome.reason),
+            reason=masked(outcome.reason),
             at=outcome.at,
         ),
         last_refused=None
@@ -96,13 +109,14 @@ class StationReporter:
         self.published_at = 0.0
         self.published_fingerprint: str | None = None
         self.strikes = 0
+        self.retry_at = 0.0
 
     def tick(self, connection: MQTTConnection) -> None:
         """Say online after a connect; publish the report if it changed or is
         due (cheap when neither)."""
-        if self.enabled and connection.presence is not None and connection.refusals >= _STRIKES:
-            # some brokers refuse a connection whose last will their ACL denies
-            self._give_up(f"the broker refused {connection.refusals} connections with it")
+        if not self.enabled and time.monotonic() >= self.retry_at:
+            self.enabled = True  # the broker's ACL may have changed: try again
+            self.strikes = 0
         if not self.enabled or not connection.is_connected():
             return
         if not self.announced and connection.presence is not None:
@@ -160,8 +174,9 @@ class StationReporter:
     def _give_up(self, why: str) -> None:
         if self.enabled:
             self.enabled = False
+            self.retry_at = time.monotonic() + RETRY_SECONDS
             self.logger.warning(
-                f"not publishing the station's state report any more: {why}; allow the "
+                f"not publishing the station's state report for an hour: {why}; allow the "
                 f"topics ivy/{self.station}/state and ivy/{self.station}/presence in the "
                 "broker's ACL, or set report_state to false"
             )

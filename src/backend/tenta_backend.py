@@ -216,8 +216,12 @@ class TentaProvider(Provider):
             return ReceivedConfig(config=None, error=error)
         revision = envelope.get("revision")
         configuration = envelope.get("configuration")
-        if not isinstance(revision, int) or isinstance(revision, bool):
-            return ReceivedConfig(envelope, f"revision: expected an integer, got {revision!r}")
+        if not is_valid_revision(revision):
+            # refused before verification: an unsigned revision that breaks the
+            # config must not mark the signed change in it as handled
+            return ReceivedConfig(
+                envelope, f"revision: expected an integer 0 <= r < 2**31, got {revision!r}"
+            )
         if not isinstance(configuration, dict):
             return ReceivedConfig(envelope, "configuration: expected a JSON object")
         return ReceivedConfig(configuration, server_revision=revision)

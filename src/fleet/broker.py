@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pydantic
 from paho.mqtt.enums import MQTTErrorCode
 
-from src.types.config import BrokerConnection
+from src.types.config import BrokerConnection, is_valid_revision
 from src.types.fleet import StationReport
 from src.utils.mqtt_client import connect_arguments, new_mqtt_client
 
@@ -54,11 +54,23 @@ class Sightings:
 class FleetBroker:
     """A connected fleet client. Use as a context manager."""
 
-    def __init__(self, settings: BrokerConnection, stations: list[str]) -> None:
-        """Prepare a client for `stations` (others' messages are ignored)."""
+    def __init__(
+        self, settings: BrokerConnection, stations: list[str], session: str | None = None
+    ) -> None:
+        """Prepare a client for `stations` (others' messages are ignored):
+        with the inventory's client id and its persistent session (a
+        rollout's: answers wait there while the operator is away), or with a
+        clean session of its own (`session`: a suffix to the client id) for
+        a command that must not take the rollout's session over."""
         self.settings = settings
         self.stations = set(stations)
-        self.client = new_mqtt_client(settings)
+        client_id = settings.mqtt_client_id
+        if session is not None:
+            client_id = f"{client_id[: 64 - len(session) - 1]}-{session}"
+        self.persistent = session is None
+        self.client = new_mqtt_client(settings, client_id, self.persistent)
+        # a hostile retained message must never end paho's thread
+        self.client.suppress_exceptions = True
         self.lock = threading.Lock()
         self.sightings: dict[str, Sightings] = {s: Sightings() for s in stations}
         self.connected = threading.Event()
@@ -80,7 +92,7 @@ class FleetBroker:
     def connect(self, timeout: float = 20.0) -> None:
         """Connect, subscribe, and wait until the broker confirmed the
         subscriptions (its retained messages follow them)."""
-        clean_start, properties = connect_arguments(self.settings)
+        clean_start, properties = connect_arguments(self.settings, self.persistent)
         try:
             self.client.connect(
                 self.settings.mqtt_host,
@@ -107,13 +119,13 @@ class FleetBroker:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def settle(self, seconds: float = 2.0) -> None:
+    def settle(self, seconds: float = 5.0) -> None:
         """Give the broker time to deliver the retained messages and what the
         session queued: until every station was heard of, or `seconds`."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             with self.lock:
-                if all(s.report is not None for s in self.sightings.values()):
+                if all(s.report is not None or s.online is False for s in self.sightings.values()):
                     return
             time.sleep(0.05)
 
@@ -172,6 +184,12 @@ class FleetBroker:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._take(message)
+        except Exception:  # whatever a station (or anyone) publishes: ignored
+            return
+
+    def _take(self, message: mqtt.MQTTMessage) -> None:
         parts = message.topic.split("/")
         station = parts[1] if parts[0] == "ivy" and len(parts) == 3 else parts[-1]
         if station not in self.stations:
@@ -196,7 +214,11 @@ class FleetBroker:
                 if isinstance(presence, dict) and isinstance(presence.get("online"), bool):
                     sightings.online = presence["online"]
                     at = presence.get("at")
-                    sightings.presence_at = float(at) if isinstance(at, (int, float)) else now
+                    sightings.presence_at = (
+                        float(at)
+                        if isinstance(at, (int, float)) and 0 < at < 2**33 and at == at
+                        else now
+                    )
             elif parts[0] == "configurations" and len(parts) == 2:
                 sightings.retained_config = payload or None
             elif parts[0] == "acknowledgments" and len(parts) == 2:
@@ -210,13 +232,13 @@ def _answers_in(payload: bytes, now: float) -> list[Answer]:
     else is ignored."""
     try:
         items = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     found = []
     for item in items if isinstance(items, list) else []:
         if (
             isinstance(item, dict)
-            and isinstance(item.get("revision"), int)
+            and is_valid_revision(item.get("revision"))
             and isinstance(item.get("success"), bool)
         ):
             found.append(Answer(item["revision"], item["success"], now))

@@ -4,11 +4,13 @@ in the modules beside this one."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Literal, NoReturn
 
 import click
 
+from src.types.config import is_valid_revision
 from src.utils.durations import parse_duration
 
 from .broker import FleetBroker, FleetBrokerError
@@ -48,8 +50,10 @@ def _duration(value: str, option: str) -> float:
         raise click.BadParameter(str(e), param_hint=option) from None
 
 
-def _connected(inventory: Inventory) -> FleetBroker:
-    broker = FleetBroker(inventory.broker, inventory.ids())
+def _connected(inventory: Inventory, session: str | None = None) -> FleetBroker:
+    """Connected through the rollout's persistent session, or (`session`)
+    a clean one of this command's own."""
+    broker = FleetBroker(inventory.broker, inventory.ids(), session)
     try:
         broker.connect()
     except FleetBrokerError as e:
@@ -57,8 +61,14 @@ def _connected(inventory: Inventory) -> FleetBroker:
     return broker
 
 
+def printable(text: str) -> str:
+    """`text` without control characters (a station's reason must not drive
+    the operator's terminal)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _progress(line: str) -> None:
-    click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
+    click.echo(f"{time.strftime('%H:%M:%S')} {printable(line)}", err=True)
 
 
 inventory_option = click.option(
@@ -98,7 +108,7 @@ def fleet_status(inventory_path: str, unreachable_after: str, as_json: bool) -> 
     cannot be reached."""
     inventory = _inventory(inventory_path)
     after = _duration(unreachable_after, "--unreachable-after")
-    broker = _connected(inventory)
+    broker = _connected(inventory, f"status-{os.getpid()}")
     try:
         broker.settle()
         views = [view(s, broker.seen(s), after) for s in inventory.ids()]
@@ -112,7 +122,7 @@ def fleet_status(inventory_path: str, unreachable_after: str, as_json: bool) -> 
         )
     else:
         for station_view in views:
-            click.echo(_view_line(station_view))
+            click.echo(printable(_view_line(station_view)))
         counts = summary(views)
         click.echo(
             f"{counts['stations']} station(s): "
@@ -281,6 +291,8 @@ def _run(
             revision = 1 + max(
                 [store.highest_revision(), *(r.config_revision or 0 for r in known if r)]
             )
+            if not is_valid_revision(revision):
+                _fail(f"no revision is left above {revision - 1} (revisions end at 2**31 - 1)")
             waves = [stations[start:end] for start, end in zip([0, *ends], ends, strict=False)]
             rollout_id = store.create(
                 inventory=inventory_path,
@@ -372,9 +384,8 @@ def _report(
         if members:
             click.echo(f"  {status} ({len(members)}):")
             for target in members:
-                click.echo(
-                    f"    {target.station}" + (f": {target.reason}" if target.reason else "")
-                )
+                reason = f": {printable(target.reason)}" if target.reason else ""
+                click.echo(f"    {target.station}{reason}")
 
 
 @fleet.command("halt")
@@ -394,7 +405,7 @@ def fleet_halt(inventory_path: str | None, store_path: str | None) -> None:
         _fail("no rollout is running")
     inventory = _inventory(inventory_path or record.inventory)
     to_restore = store.halt(record.id, "halted by the operator (ivy fleet halt)")
-    broker = _connected(inventory)
+    broker = _connected(inventory, f"halt-{os.getpid()}")
     try:
         for target in to_restore:
             try:
@@ -404,7 +415,9 @@ def fleet_halt(inventory_path: str | None, store_path: str | None) -> None:
     finally:
         broker.close()
     click.echo(
-        f"rollout {record.id} halted; {len(to_restore)} station(s) got their previous config back"
+        f"rollout {record.id} halted: no further station starts it; the previous config "
+        f"topic content is back for the {len(to_restore)} station(s) sent it without an "
+        "answer (one that received it already may still try it: see `ivy fleet rollback`)"
     )
 
 
@@ -437,7 +450,7 @@ def fleet_rollback(
     if record is None:
         _fail("no such rollout")
     took = [t.station for t in store.targets(record.id) if t.status == "accepted"]
-    broker = _connected(inventory)
+    broker = _connected(inventory, f"rollback-{os.getpid()}")
     try:
         broker.settle()
         took += [

@@ -96,7 +96,7 @@ def station_payload(
 ) -> bytes:
     """The retained message on `configurations/<station>`: Tenta's
     `{"revision", "configuration"}` holding the change signed for it alone."""
-    text = signed_document_text(change, [station], kind=kind)
+    text = signed_document_text(change, [station], kind=kind, revision=revision)
     signed = envelope(text, sign_text(text, key))
     return json.dumps({"revision": revision, "configuration": signed}).encode()
 
@@ -157,6 +157,7 @@ class Rollout:
         """Send wave by wave, wait for the answers, halt on failure or on
         `ivy fleet halt`; return the final state."""
         waves = max((t.wave for t in self.store.targets(self.record.id)), default=-1) + 1
+        self._resend_lost_sends()
         for wave in range(waves):
             if self.store.state(self.record.id) != "running":
                 break
@@ -171,6 +172,19 @@ class Rollout:
             self._collect_answers()
             self.store.finish(self.record.id)
         return self.store.state(self.record.id)
+
+    def _resend_lost_sends(self) -> None:
+        """A rollout killed between recording a send and the broker's PUBACK
+        may not have sent it: whatever its config topic does not hold goes
+        out again (the same signed payload)."""
+        for target in self.store.targets(self.record.id):
+            if target.status != "sent" or target.sent_payload is None:
+                continue
+            if self.broker.seen(target.station).retained_config != target.sent_payload:
+                self.broker.publish_retained(
+                    f"configurations/{target.station}", target.sent_payload
+                )
+                self.progress(f"  sent to {target.station} again (the last send may be lost)")
 
     def halt(self, reason: str) -> None:
         """Halt now: see the module's docstring."""

@@ -102,7 +102,11 @@ class RolloutStore:
     def __init__(self, path: str | None = None) -> None:
         """Open (and create) the store at `path` (default: `default_store_path`)."""
         self.path = path or default_store_path()
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # the operator's alone (SQLite gives its -wal and -shm files the same mode)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.connection.execute("PRAGMA journal_mode=WAL")
         with self._transaction():

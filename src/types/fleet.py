@@ -49,9 +49,9 @@ def clipped(text: str | None) -> str | None:
 class ConfigAnswerReport(pydantic.BaseModel):
     """How the station's newest verified config ended (or where it is)."""
 
-    revision: int
-    status: str
-    reason: str | None = None
+    revision: int = Field(..., ge=0, lt=2**31)
+    status: str = Field(..., max_length=32)
+    reason: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     at: float
 
 
@@ -61,7 +61,7 @@ class RefusalReport(pydantic.BaseModel):
     own payload from anyone else's."""
 
     digest: str = Field(..., pattern=r"^[0-9a-f]{64}$")
-    reason: str
+    reason: str = Field(..., max_length=MAX_TEXT_CHARS)
     at: float
 
 
@@ -69,9 +69,9 @@ class StationReport(pydantic.BaseModel):
     """One station's state as `ivy fleet status` shows it."""
 
     format: Literal["ivy-station-state/1"] = STATE_FORMAT
-    station: str
-    version: str
-    config_revision: int | None
+    station: str = Field(..., max_length=64)
+    version: str = Field(..., max_length=64)
+    config_revision: int | None = Field(..., ge=0, lt=2**31)
     running: bool
     healthy: bool
     problems: list[str] = Field(default_factory=list, max_length=MAX_PROBLEMS)

@@ -844,6 +844,9 @@ class MessagingAgent:
             return self._flush_archive_in_transaction()
 
     def _flush_archive_in_transaction(self) -> int:
+        # another process may have registered a destination since: rows kept
+        # only for it must not look kept for nobody
+        self._refresh_destinations()
         written = 0
         archived_up_to = self._read_counter("archived_up_to")
         day = _UtcDay()

@@ -18,16 +18,18 @@ from src.types.config import BrokerConnection
 SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 
 
-def new_mqtt_client(settings: BrokerConnection, client_id: str | None = None) -> mqtt.Client:
-    """A client with a persistent session for `client_id` (default: the
-    settings' own), logging in with the settings' credentials and TLS. Not
-    connected yet: see `connect_arguments`."""
+def new_mqtt_client(
+    settings: BrokerConnection, client_id: str | None = None, persistent: bool = True
+) -> mqtt.Client:
+    """A client for `client_id` (default: the settings' own) with a
+    persistent session (or a clean one), logging in with the settings'
+    credentials and TLS. Not connected yet: see `connect_arguments`."""
     v5 = settings.mqtt_protocol == "5"
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id or settings.mqtt_client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-        clean_session=None if v5 else False,
+        clean_session=None if v5 else not persistent,
     )
     if settings.mqtt_username is not None or settings.mqtt_password is not None:
         client.username_pw_set(
@@ -47,13 +49,15 @@ def new_mqtt_client(settings: BrokerConnection, client_id: str | None = None) ->
 
 
 def connect_arguments(
-    settings: BrokerConnection,
+    settings: BrokerConnection, persistent: bool = True
 ) -> tuple[bool | Literal[3], Properties | None]:
-    """(clean_start, properties) for `connect`/`connect_async` that keep the
-    session: MQTT 5 asks the broker to keep it for a month; 3.1.1 keeps it
-    through `clean_session=False`."""
+    """(clean_start, properties) for `connect`/`connect_async`: a persistent
+    session is kept by the broker for a month (MQTT 5; 3.1.1 keeps it
+    through `clean_session=False`)."""
     if settings.mqtt_protocol != "5":
         return mqtt.MQTT_CLEAN_START_FIRST_ONLY, None  # ignored by 3.1.1
+    if not persistent:
+        return True, None
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
     return False, properties

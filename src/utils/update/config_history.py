@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from src import constants
+from src.types.atomic_file import write_atomically
 
 from .journal import load_journal
 from .paths import previous_config_path
@@ -37,10 +37,8 @@ def keep_previous(previous_path: str, revision: int) -> None:
         return
     directory = history_directory()
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    target = _path_before(revision)
-    shutil.copyfile(previous_path, target + ".tmp")
-    os.chmod(target + ".tmp", 0o600)
-    os.replace(target + ".tmp", target)
+    with open(previous_path, encoding="utf-8") as f:
+        write_atomically(_path_before(revision), f.read())  # 0600: secrets included
     kept = sorted(
         (os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".json")),
         key=os.path.getmtime,

@@ -59,6 +59,9 @@ class SignedDocument(pydantic.BaseModel):
     patch: dict[str, Any] | None = None
     # the revision whose predecessor the station is to run again
     revert: int | None = Field(None, ge=0, lt=2**31)
+    # the revision the change is to run under, when the signer fixes it (a
+    # fleet rollout): the config topic's unsigned revision must agree
+    revision: int | None = Field(None, ge=0, lt=2**31)
     stations: list[str] = Field(..., min_length=1, max_length=100_000)
     signed_at: float = Field(..., gt=0, allow_inf_nan=False)
     expires_at: float | None = Field(None, allow_inf_nan=False)
@@ -195,10 +198,11 @@ def signed_document_text(
     kind: Literal["config", "patch", "revert"] = "config",
     expires_in_seconds: float | None = None,
     now: float | None = None,
+    revision: int | None = None,
 ) -> str:
     """The document to sign, as JSON text: `change` (a config, a merge patch
     or the revision to revert) for `stations`, signed now, expiring after
-    `expires_in_seconds`."""
+    `expires_in_seconds`, to run under `revision` if given."""
     signed_at = time.time() if now is None else now
     document = SignedDocument.model_validate(
         {
@@ -207,6 +211,7 @@ def signed_document_text(
             "signed_at": round(signed_at, 6),
             "expires_at": None if expires_in_seconds is None else signed_at + expires_in_seconds,
             kind: change,
+            "revision": revision,
         }
     )
     return json.dumps(document.model_dump(exclude_none=True), sort_keys=True, ensure_ascii=False)

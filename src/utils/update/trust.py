@@ -247,6 +247,11 @@ def _addresses_of(where: str, section: dict[str, Any]) -> list[tuple[str, dict[s
     return found
 
 
+def _host_key(host: Any) -> str:
+    """A broker host as DNS compares it (case, a trailing dot)."""
+    return str(host).lower().rstrip(".")
+
+
 def _tls_strength(section: dict[str, Any]) -> int:
     tls = section.get("tls")
     if not isinstance(tls, dict):
@@ -274,7 +279,7 @@ def remote_config_problem(
     running_tls_of_host: dict[str, int] = {}
     for where, section in _backends_of(running):
         for _, address in _addresses_of(where, section):
-            running_host = str(address.get("mqtt_host"))
+            running_host = _host_key(address.get("mqtt_host"))
             running_tls_of_host[running_host] = max(
                 running_tls_of_host.get(running_host, 0), _tls_strength(section)
             )
@@ -291,7 +296,7 @@ def remote_config_problem(
         was = max(
             running_tls.get(where, 0),
             *(
-                running_tls_of_host.get(str(address.get("mqtt_host")), 0)
+                running_tls_of_host.get(_host_key(address.get("mqtt_host")), 0)
                 for _, address in _addresses_of(where, section)
             ),
         )

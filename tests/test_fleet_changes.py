@@ -1,0 +1,165 @@
+"""Fleet changes as a station's backend receives them, and the operator's
+tool against hostile input, in the process: a signed merge patch keeps the
+station's secrets and builds on a queued one; a revert takes the kept
+config; the unsigned revision on Tenta's topic can neither disagree with a
+signed one nor lock a signed change out; the state report masks secrets;
+`ivy fleet`'s broker view survives hostile retained messages; its store is
+the operator's alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+import pytest
+
+from benchmarks.mosquitto import Broker
+from benchmarks.signing import Signer, make_signer, trust_station
+from src import constants
+from src.backend.config_receiver import ConfigReceiver
+from src.backend.station_reports import station_report
+from src.backend.tenta_backend import TentaProvider
+from src.fleet.broker import FleetBroker
+from src.fleet.commands import printable
+from src.fleet.store import RolloutStore
+from src.types import Config
+from src.types.config import BrokerConnection
+from src.types.state import ProcessState
+from src.utils.logger import Logger
+from src.utils.messaging_agent import MessagingAgent
+from src.utils.state_interface import StateInterface
+from src.utils.update.config_history import keep_previous
+from tests.conftest import template_config_dict
+from tests.mqtt_helpers import publish
+
+pytestmark = pytest.mark.quick
+
+STATION = "4b3c2d1e-0f9a-4b8c-9d7e-6f5a4b3c2d1e"
+SECRET = "the-station-password-4711"
+
+
+@pytest.fixture
+def signer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Signer:
+    root = str(tmp_path / "root")
+    monkeypatch.setattr(constants, "ROOT_DIR", root)
+    key = make_signer(str(tmp_path / "keys"))
+    trust_station(root, [key])
+    return key
+
+
+def running_config() -> Config:
+    raw = template_config_dict()
+    raw["general"]["system_identifier"] = STATION
+    raw["general"]["config_revision"] = 5
+    raw["backend"] = {
+        "provider": "tenta",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_client_id": "station",
+        "mqtt_password": SECRET,
+    }
+    config = Config.model_validate(raw)
+    config.dump()
+    return config
+
+
+def receive(config: Config, revision: Any, configuration: Any) -> list[Any]:
+    """Hand one Tenta message to a fresh receiver; return the queued configs."""
+    agent = MessagingAgent(config)
+    receiver = ConfigReceiver(config, Logger(config, "backend"), agent)
+    payload = json.dumps({"revision": revision, "configuration": configuration}).encode()
+    received = TentaProvider(config).config_in(f"configurations/{STATION}", payload)
+    assert received is not None
+    receiver.handle(received, payload)
+    return StateInterface.load().pending
+
+
+def test_a_patch_keeps_the_secrets_and_builds_on_a_queued_patch(signer: Signer) -> None:
+    config = running_config()
+    first = signer.sign_change(
+        {"dummy_procedure": {"seconds_between_datapoints": 7}}, [STATION], "patch"
+    )
+    (queued,) = receive(config, 6, first)
+    merged = queued.config.to_dict()
+    assert merged["general"]["config_revision"] == 6
+    assert merged["dummy_procedure"]["seconds_between_datapoints"] == 7
+    assert merged["backend"]["mqtt_password"] == SECRET
+    second = signer.sign_change({"system_checks": None}, [STATION], "patch")
+    latest = receive(config, 7, second)[-1].config.to_dict()
+    assert latest["dummy_procedure"]["seconds_between_datapoints"] == 7  # not undone
+    assert "system_checks" not in latest  # null removes (RFC 7396)
+
+
+def test_a_revert_takes_the_kept_config_or_is_refused(signer: Signer, tmp_path: Any) -> None:
+    config = running_config()
+    assert receive(config, 8, signer.sign_change(3, [STATION], "revert")) == []
+    previous = tmp_path / "previous.json"
+    older = template_config_dict()
+    older["general"]["system_identifier"] = STATION
+    older["general"]["config_revision"] = 2
+    previous.write_text(json.dumps(older))
+    keep_previous(str(previous), 3)
+    history = os.path.join(os.path.dirname(constants.CONFIG_PATH), "history", "before-3.json")
+    assert stat.S_IMODE(os.stat(history).st_mode) == 0o600
+    (queued,) = receive(config, 9, signer.sign_change(3, [STATION], "revert"))
+    assert queued.config.general.config_revision == 9
+    assert queued.config.to_dict()["backend"] is None  # the kept config, not the running one
+
+
+def test_the_unsigned_revision_cannot_disagree_or_lock_a_signed_change_out(
+    signer: Signer,
+) -> None:
+    from src.utils.update.signatures import envelope, sign_text, signed_document_text
+
+    config = running_config()
+    text = signed_document_text(
+        {"dummy_procedure": {"seconds_between_datapoints": 9}}, [STATION], kind="patch", revision=12
+    )
+    signed = envelope(text, sign_text(text, signer.private))
+    assert receive(config, 13, signed) == []  # another revision than the signed one
+    assert receive(config, 2**31, signed) == []  # a revision no config can carry
+    (queued,) = receive(config, 12, signed)  # the real message is still taken
+    assert queued.config.general.config_revision == 12
+
+
+def test_the_state_report_masks_secrets(signer: Signer) -> None:
+    config = running_config()
+    with StateInterface.update() as state:
+        state.config_outcomes = []
+        state.processes = {
+            "dummy_procedure": ProcessState(
+                variant="procedure",
+                alive=False,
+                crash_looping=True,
+                last_error=f"ConnectionError: mqtt://station:{SECRET}@broker refused",
+            )
+        }
+    report = station_report(config)
+    text = report.model_dump_json()
+    assert SECRET not in text
+    assert report.station == STATION
+
+
+def test_hostile_retained_messages_do_not_break_the_operators_view(tmp_path: Any) -> None:
+    with Broker.running(str(tmp_path / "broker")) as broker:
+        deep = ("[" * 100_000 + "]" * 100_000).encode()
+        publish(broker.port, f"ivy/{STATION}/presence", {"online": True, "at": 10**400}, True)
+        publish(broker.port, f"acknowledgments/{STATION}", deep)
+        publish(broker.port, f"ivy/{STATION}/state", deep, retain=True)
+        settings = BrokerConnection(
+            mqtt_host="127.0.0.1", mqtt_port=broker.port, mqtt_client_id="operator"
+        )
+        with FleetBroker(settings, [STATION], session="test") as fleet:
+            fleet.settle(2)
+            seen = fleet.seen(STATION)
+            assert seen.online is True and seen.report is None and seen.answers == []
+            fleet.publish_retained(f"configurations/{STATION}", b"{}")  # still working
+            assert fleet.seen(STATION).retained_config == b"{}"
+
+
+def test_the_operators_store_and_terminal_are_safe(tmp_path: Any) -> None:
+    store = RolloutStore(str(tmp_path / "state" / "fleet.sqlite3"))
+    store.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "fleet.sqlite3").st_mode) == 0o600
+    assert printable("rejected\x1b[2J\x07 now") == "rejected?[2J? now"
