@@ -181,14 +181,21 @@ def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
     """The JSON report of a run (see the module docstring): per destination,
     and their sums."""
     produced, refused = read_records(run.station.record_dir)
+    archived, unreadable_archive_lines = run.station.archived_chaos_keys()
+    # a producer killed between `add_message` returning and writing its record
+    # leaves an accepted message only the archive knows of: it counts (a
+    # destination's cap may drop it), at the time of the record before it
+    unrecorded = archived - set(produced)
+    accepted = {**produced}
+    for incarnation, sequence in unrecorded:
+        accepted[(incarnation, sequence)] = produced.get((incarnation, sequence - 1), 0.0)
     recorders = {TENTA_DESTINATION: run.recorder, THINGSBOARD_DESTINATION: run.monitoring_recorder}
     destinations: dict[str, dict[str, Any]] = {}
     for name, recorder in recorders.items():
         dropped = max((s.dropped.get(name, 0) for s in samples if s.dropped is not None), default=0)
         outages = [o for o in run.outages if o["destination"] == name]
-        destinations[name] = destination_report(produced, recorder, dropped, outages)
+        destinations[name] = destination_report(accepted, recorder, dropped, outages)
     violations = [v for d in destinations.values() for v in d.pop("violations")]
-    archived, unreadable_archive_lines = run.station.archived_chaos_keys()
     roles_seen: dict[str, set[int]] = defaultdict(set)
     for sample in samples:
         for role, values in sample.processes.items():
@@ -218,6 +225,7 @@ def build_report(run: Run, samples: list[Sample]) -> dict[str, Any]:
         "payloads_a_server_would_drop": len(violations),
         "destinations": destinations,
         "refused_by_add_message": refused,
+        "accepted_but_not_recorded": len(unrecorded),
         "not_in_archive": len(set(produced) - archived),
         "unreadable_archive_lines": unreadable_archive_lines,
         "queue_back_to_steady_after_outage_s": drained,
