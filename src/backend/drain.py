@@ -100,7 +100,7 @@ class Drainer:
         )
         self.provider = provider
         self.reporter = (
-            StationReporter(config, self.logger)
+            StationReporter(config, self.logger, self.messaging_agent)
             if provider.reports_state and self.backend.report_state
             else None
         )

@@ -30,6 +30,7 @@ from src.types.fleet import (
     state_topic,
 )
 from src.utils.logger import Logger
+from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 from src.utils.station_status import collect_status, health_problems
 
@@ -41,7 +42,7 @@ _STRIKES = 2  # connection drops while a report was outstanding
 RETRY_SECONDS = 3_600.0
 
 
-def station_report(config: Config) -> StationReport:
+def station_report(config: Config, agent: MessagingAgent | None = None) -> StationReport:
     """The station's state now, as `ivy status` judges it (its default
     thresholds), bounded in size, every text with the config's secrets and
     URL credentials masked (a child's last error may quote either)."""
@@ -52,7 +53,7 @@ def station_report(config: Config) -> StationReport:
             return None
         return clipped(mask_secrets(without_url_credentials(text), secrets))
 
-    status = collect_status()
+    status = collect_status(agent)
     problems = health_problems(status)
     state = StateInterface.load()
     outcome = state.config_outcomes[-1] if state.config_outcomes else None
@@ -97,8 +98,10 @@ class StationReporter:
     of its publishes and renews the connection without the last will once
     reporting is off."""
 
-    def __init__(self, config: Config, logger: Logger) -> None:
-        """Report for the station of `config`."""
+    def __init__(self, config: Config, logger: Logger, agent: MessagingAgent) -> None:
+        """Report for the station of `config`, reading the queue through the
+        backend's own `agent` (no connection, no transaction of its own)."""
+        self.agent = agent
         self.config = config
         self.logger = logger
         self.station = config.general.system_identifier
@@ -127,7 +130,7 @@ class StationReporter:
             return
         self.checked_at = now
         try:
-            report = station_report(self.config)
+            report = station_report(self.config, self.agent)
         except Exception as e:  # a report is never worth the backend
             self.logger.debug(f"no state report this time: {e}")
             return

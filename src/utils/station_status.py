@@ -31,9 +31,11 @@ DEFAULT_MAX_DISCONNECTED_SECONDS = 600.0
 DEFAULT_MAX_QUEUE_AGE_SECONDS = 3600.0
 
 
-def collect_status() -> StationStatus:
+def collect_status(agent: MessagingAgent | None = None) -> StationStatus:
     """Everything `ivy status` shows (its problems not judged yet, see
-    `health_problems`). Called by the CLI."""
+    `health_problems`), read through `agent` if given (else a queue
+    connection of its own, closed again). Called by the CLI and by the
+    backend's state report."""
     state = StateInterface.load()
     now = time.time()
     pid = mainloop_toggle.get_mainloop_pid()
@@ -50,7 +52,9 @@ def collect_status() -> StationStatus:
         )
     except ConfigError as e:
         config_status = ConfigStatus(valid=False, error=str(e))
-    agent = MessagingAgent()
+    own_agent = agent is None
+    if agent is None:
+        agent = MessagingAgent()
     try:
         queue = QueueStatus(
             depth=agent.get_queue_depth(),
@@ -71,7 +75,8 @@ def collect_status() -> StationStatus:
                     dropped=agent.get_dropped_count(destination=name) if registered else 0,
                 )
     finally:
-        agent.close()
+        if own_agent:
+            agent.close()
     disk = psutil.disk_usage(constants.DATA_DIR)
     mainloop = state.mainloop
     return StationStatus(
