@@ -191,7 +191,9 @@ def all_healthy(fleet: Fleet, stations: list[str]) -> bool:
 def test_a_rollout_goes_wave_by_wave_an_away_station_takes_it_later_and_rollback(
     fleet: Fleet,
 ) -> None:
-    first, second, away = STATIONS
+    # the away station is first in the inventory: the canary wave takes the
+    # next station in its place, so that the canary is one that can answer
+    away, first, second = STATIONS
     for identifier in STATIONS:
         fleet.start(identifier)
     assert wait_until(lambda: all_healthy(fleet, STATIONS), timeout=120, interval=1)
@@ -213,6 +215,7 @@ def test_a_rollout_goes_wave_by_wave_an_away_station_takes_it_later_and_rollback
     canary_answer = next(i for i, line in enumerate(lines) if f"{first}: accepted" in line)
     second_sent = next(i for i, line in enumerate(lines) if f"sent to {second}" in line)
     assert canary_answer < second_sent, result.stderr
+    assert f"{first} joins this wave" in result.stderr
     revision = report["revision"]
     assert fleet.setting(first) == fleet.setting(second) == 2
     assert fleet.setting(away) == 1

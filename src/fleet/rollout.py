@@ -163,15 +163,32 @@ class Rollout:
                 break
             members = [t for t in self.store.targets(self.record.id) if t.wave == wave]
             self.progress(f"wave {wave + 1}/{waves}: {len(members)} station(s)")
-            for target in members:
-                if target.status == "waiting" and not self._send(target):
-                    break
-            if not self._wait_for_wave(wave):
+            if not self._send_wave(wave, members) or not self._wait_for_wave(wave):
                 break
         if self.store.state(self.record.id) == "running":
             self._collect_answers()
             self.store.finish(self.record.id)
         return self.store.state(self.record.id)
+
+    def _send_wave(self, wave: int, members: list[Target]) -> bool:
+        """Send the wave's stations; for each that is unreachable, the next
+        waiting station joins this wave, so that a wave (the canary above
+        all) has its planned number of stations that can answer. False when
+        the rollout halted meanwhile."""
+        for target in members:
+            if target.status == "waiting" and not self._send(target):
+                return False
+        planned = len(members)
+        while True:
+            targets = self.store.targets(self.record.id)
+            reachable = [t for t in targets if t.wave == wave and t.reachable_at_send is not False]
+            later = [t for t in targets if t.wave > wave and t.status == "waiting"]
+            if len(reachable) >= planned or not later:
+                return True
+            self.store.move_to_wave(self.record.id, later[0].station, wave)
+            self.progress(f"  {later[0].station} joins this wave in place of an unreachable one")
+            if not self._send(later[0]):
+                return False
 
     def _resend_lost_sends(self) -> None:
         """A rollout killed between recording a send and the broker's PUBACK

@@ -270,6 +270,15 @@ class RolloutStore:
             )
         return True
 
+    def move_to_wave(self, rollout: int, station: str, wave: int) -> None:
+        """Move a waiting station into an earlier wave."""
+        with self._transaction():
+            self.connection.execute(
+                "UPDATE targets SET wave = ? WHERE rollout = ? AND station = ? "
+                "AND status = 'waiting'",
+                (wave, rollout, station),
+            )
+
     def answer(self, rollout: int, station: str, status: TargetStatus, reason: str | None) -> None:
         """Record how a sent station's change ended."""
         with self._transaction():
