@@ -240,7 +240,9 @@ class Rollout:
         """Record the answers that came for any sent station; return the
         targets as they are now."""
         now = time.time()
-        for target in self.store.targets(self.record.id):
+        targets = self.store.targets(self.record.id)
+        answered = sum(1 for t in targets if t.status in ("accepted", *_FAILED))
+        for target in targets:
             if target.status != "sent":
                 continue
             seen = self.broker.seen(target.station)
@@ -248,10 +250,12 @@ class Rollout:
             if answer is not None:
                 status, reason = answer
                 self.store.answer(self.record.id, target.station, status, reason)  # type: ignore[arg-type]
+                answered += 1
                 self.progress(
                     f"  {target.station}: {status}"
                     + (f" after {now - (target.sent_at or now):.0f} s" if target.sent_at else "")
                     + (f" ({reason})" if reason else "")
+                    + f" [{answered}/{len(targets)} answered]"
                 )
             elif target.reachable_at_send and now - (target.sent_at or now) > self.answer_timeout:
                 self.store.answer(
@@ -260,7 +264,11 @@ class Rollout:
                     "no_answer",
                     f"no answer within {self.answer_timeout:.0f} s",
                 )
-                self.progress(f"  {target.station}: no answer within {self.answer_timeout:.0f} s")
+                answered += 1
+                self.progress(
+                    f"  {target.station}: no answer within {self.answer_timeout:.0f} s "
+                    f"[{answered}/{len(targets)} answered]"
+                )
         return self.store.targets(self.record.id)
 
     def _wait_for_wave(self, wave: int) -> bool:
