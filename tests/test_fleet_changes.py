@@ -30,7 +30,9 @@ from src.types.state import ProcessState
 from src.utils.logger import Logger
 from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
+from src.utils.update import config_trial
 from src.utils.update.config_history import keep_previous
+from src.utils.update.coordinator import RestartWith, UpdateCoordinator
 from tests.conftest import template_config_dict
 from tests.mqtt_helpers import publish
 
@@ -75,7 +77,9 @@ def receive(config: Config, revision: Any, configuration: Any) -> list[Any]:
     return StateInterface.load().pending
 
 
-def test_a_patch_keeps_the_secrets_and_builds_on_a_queued_patch(signer: Signer) -> None:
+def test_a_patch_keeps_the_secrets_and_is_merged_into_the_config_running_when_applied(
+    signer: Signer,
+) -> None:
     config = running_config()
     first = signer.sign_change(
         {"dummy_procedure": {"seconds_between_datapoints": 7}}, [STATION], "patch"
@@ -85,10 +89,22 @@ def test_a_patch_keeps_the_secrets_and_builds_on_a_queued_patch(signer: Signer) 
     assert merged["general"]["config_revision"] == 6
     assert merged["dummy_procedure"]["seconds_between_datapoints"] == 7
     assert merged["backend"]["mqtt_password"] == SECRET
-    second = signer.sign_change({"system_checks": None}, [STATION], "patch")
-    latest = receive(config, 7, second)[-1].config.to_dict()
+    # a second patch arrives before the first is applied (days away, say)
+    receive(config, 7, signer.sign_change({"system_checks": None}, [STATION], "patch"))
+
+    coordinator = UpdateCoordinator(config, Logger(config, "main"), MessagingAgent(config))
+    action = coordinator.next_action()
+    assert isinstance(action, RestartWith) and action.config.general.config_revision == 6
+    assert coordinator.restarting is not None
+    config_trial.accept(coordinator.restarting.pending, coordinator.answers)
+    after_first = Config.load()
+    coordinator = UpdateCoordinator(after_first, Logger(after_first, "main"), MessagingAgent())
+    action = coordinator.next_action()
+    assert isinstance(action, RestartWith) and action.config.general.config_revision == 7
+    latest = json.loads(action.config.to_json(reveal_secrets=True))
     assert latest["dummy_procedure"]["seconds_between_datapoints"] == 7  # not undone
-    assert "system_checks" not in latest  # null removes (RFC 7396)
+    assert latest.get("system_checks") is None  # null removes it (RFC 7396)
+    assert latest["backend"]["mqtt_password"] == SECRET
 
 
 def test_a_revert_takes_the_kept_config_or_is_refused(signer: Signer, tmp_path: Any) -> None:

@@ -65,6 +65,7 @@ class Admitted:
     signed_at: float | None = None
     signer: str | None = None
     revision: int | None = None  # signed with the change
+    patch: dict[str, Any] | None = None  # the signed merge patch the config came from
 
 
 def _utc(timestamp: float) -> str:
@@ -141,6 +142,7 @@ class ConfigReceiver:
             digest=digest,
             signed_at=admitted.signed_at,
             signer=admitted.signer,
+            patch=admitted.patch,
         )
         state = StateInterface.load()
         if is_replay(pending, state):
@@ -180,6 +182,7 @@ class ConfigReceiver:
                 document.signed_at,
                 verified.signer,
                 document.revision,
+                document.patch,
             )
         if policy.accept_unsigned_configs:
             return Admitted(raw)
@@ -195,7 +198,8 @@ class ConfigReceiver:
         if document.config is not None:
             return document.config
         if document.patch is not None:
-            merged = merge_patch(self._patch_base(), document.patch)
+            running = json.loads(self.running.to_json(reveal_secrets=True))
+            merged = merge_patch(running, document.patch)
             return merged if isinstance(merged, dict) else {}
         assert document.revert is not None
         before = config_before(document.revert)
@@ -204,17 +208,6 @@ class ConfigReceiver:
                 f"revert: this station keeps no config from before revision {document.revert}"
             )
         return before
-
-    def _patch_base(self) -> dict[str, Any]:
-        """What a patch applies to: the newest signed config still queued for
-        the updater (patches that arrive together, as after days away, build
-        on each other instead of the later undoing the earlier), else the
-        running config."""
-        queued = [p for p in StateInterface.load().pending if p.signed_at is not None]
-        if queued:
-            return max(queued, key=lambda p: p.signed_at or 0.0).config.to_dict()
-        base: dict[str, Any] = json.loads(self.running.to_json(reveal_secrets=True))
-        return base
 
     def _ignore(self, digest: str, revision: int) -> None:
         if digest not in self.ignored:

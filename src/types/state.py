@@ -100,13 +100,17 @@ class PendingConfig(_StateModel):
     `local` (`ivy config apply`: whoever runs it is trusted already).
     `signed_at`, the signed ordering value of a signed config (None when
     unsigned), decides whether it is newer than the last one handled; `digest`
-    (SHA-256 of what arrived) names it in answers."""
+    (SHA-256 of what arrived) names it in answers. `patch`, for a signed
+    merge patch: `config` is the patch merged into the config running when it
+    arrived, and the updater merges it again into the config running when it
+    is applied (a trial in between may have changed or rolled back that)."""
 
     config: ForeignConfig
     origin: Literal["remote", "local"]
     digest: str = ""
     signed_at: float | None = None
     signer: str | None = None
+    patch: dict[str, Any] | None = None
 
 
 class ConfigOutcome(_StateModel):

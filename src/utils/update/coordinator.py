@@ -20,11 +20,15 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import pydantic
+
 from src import constants
-from src.types import Config
+from src.types import Config, ForeignConfig
+from src.types.config import format_validation_error
 from src.types.state import PendingConfig
 
 from ..logger import Logger
+from ..merge_patch import merge_patch
 from ..messaging_agent import MessagingAgent
 from ..state_interface import StateInterface
 from . import config_trial
@@ -205,6 +209,11 @@ class UpdateCoordinator:
         if not is_new(pending, self.config.general.config_revision, StateInterface.load()):
             self.answers.logger.info(f"ignoring config revision {revision}: handled already")
             return None
+        if pending.patch is not None:
+            rebased = self._rebased(pending)
+            if rebased is None:
+                return None
+            pending = rebased
         if pending.origin == "remote":
             problem = self._policy_problem(pending)
             if problem is not None:
@@ -219,6 +228,25 @@ class UpdateCoordinator:
             return None
         self.restarting = ConfigTrial(pending, new_config.trial)
         return RestartWith(new_config)
+
+    def _rebased(self, pending: PendingConfig) -> PendingConfig | None:
+        """A patch merged into the config running now (not the one running
+        when it arrived: a patch queued behind another builds on it, and one
+        that waited for a trial that was rolled back does not carry that
+        trial's change); None, and the patch rejected, when the result is not
+        a config."""
+        assert pending.patch is not None
+        running = json.loads(self.config.to_json(reveal_secrets=True))
+        merged = merge_patch(running, pending.patch)
+        if isinstance(merged, dict) and isinstance(merged.get("general"), dict):
+            merged["general"]["config_revision"] = pending.config.general.config_revision
+        try:
+            config = ForeignConfig.model_validate(merged)
+        except pydantic.ValidationError as e:
+            self.answers.acknowledge(pending, "received")
+            self.answers.reject(pending, format_validation_error(e, "the patched config"))
+            return None
+        return pending.model_copy(update={"config": config})
 
     def _policy_problem(self, pending: PendingConfig) -> str | None:
         try:
