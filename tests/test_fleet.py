@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -303,3 +304,29 @@ def test_a_killed_rollout_resumes_and_halt_stops_one_mid_wave(
         assert fleet.setting(STATIONS[2]) == 3
     finally:
         fleet.kill_all()
+
+
+def test_a_halt_reaches_a_station_that_was_away_when_it_was_sent(fleet: Fleet) -> None:
+    away, joined, _ = STATIONS
+    for identifier in STATIONS:
+        fleet.start(identifier)
+    assert wait_until(lambda: all_healthy(fleet, STATIONS), timeout=120, interval=1)
+    assert fleet.stations[away].cli("stop").returncode == 0  # its session stays at the broker
+    assert wait_until(lambda: fleet.conditions()[away] == "unreachable", timeout=60, interval=1)
+
+    args = fleet.rollout_args({"dummy_procedure": {"seconds_between_datapoints": 5}})
+    process = fleet.popen(*args, "--waves", "1,100%", "--json")
+    assert wait_until(lambda: fleet.targets().get(joined) == "sent", timeout=120)
+    assert fleet.targets()[away] == "sent"
+    halted = fleet.ivy("halt", "--store", fleet.store)
+    assert halted.returncode == 0, halted.stderr
+    process.communicate(timeout=120)
+    assert fleet.targets()[away] == "withdrawn"
+
+    # back after the halt: nothing of the change waits for it
+    fleet.start(away)
+    assert wait_until(lambda: fleet.conditions()[away] == "healthy", timeout=120, interval=1)
+    time.sleep(5)
+    assert fleet.setting(away) == 1
+    reports = {s["station"]: s["report"] for s in fleet.status()["stations"]}
+    assert reports[away]["config_revision"] == 1

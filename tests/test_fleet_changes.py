@@ -170,7 +170,7 @@ def test_hostile_retained_messages_do_not_break_the_operators_view(tmp_path: Any
             fleet.settle(2)
             seen = fleet.seen(STATION)
             assert seen.online is True and seen.report is None and seen.answers == []
-            fleet.publish_retained(f"configurations/{STATION}", b"{}")  # still working
+            fleet.publish_config(STATION, b"{}")  # still working
             assert fleet.seen(STATION).retained_config == b"{}"
 
 

@@ -134,7 +134,7 @@ class Drainer:
         self.published_at = 0.0
         self.unexpected_topics: set[str] = set()
 
-    def _new_connection(self) -> MQTTConnection:
+    def _new_connection(self, logged_state: str | None = None) -> MQTTConnection:
         return MQTTConnection(
             self.backend,
             self.logger,
@@ -142,6 +142,7 @@ class Drainer:
             self.provider.publishes_on_connect(),
             address=self.addresses[self.address_index],
             note=self.address_note,
+            logged_state=logged_state,
             presence=(
                 presence(self.provider.identifier)
                 if self.reporter is not None and self.reporter.enabled
@@ -328,7 +329,7 @@ class Drainer:
         if self.reporter is not None:
             self.reporter.new_connection()
         self.connection.stop()
-        self.connection = self._new_connection()
+        self.connection = self._new_connection(self.connection.logged_state)
         self.seen_disconnects = 0
         self.connection.start()
 

@@ -71,6 +71,7 @@ class MQTTConnection:
         address: BrokerAddress | None = None,
         note: str = "",
         presence: Presence | None = None,
+        logged_state: str | None = None,
     ) -> None:
         """Configure (but do not connect) the client, for `address` (default:
         the primary); `note` says why this address, in the connection's status.
@@ -96,11 +97,13 @@ class MQTTConnection:
         self._connected = threading.Event()
         self._connected_at = 0.0
         self._refused = False
-        self._last_state: str | None = None
+        # what the connection this one replaces logged last (not logged twice)
+        self._last_state: str | None = logged_state
         self.status = ConnectionStatus(
             connected=False, detail="connecting", since=time.time(), broker=self.address
         )
         self.disconnects = 0  # connections lost after the broker had accepted them
+        self.refusals = 0  # CONNACKs with a failure
 
         self.client = new_mqtt_client(config)
         if presence is not None:
@@ -125,6 +128,12 @@ class MQTTConnection:
         # paho waits its minimum after this call; floats work, its hint says int
         self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
         self._failures += 1
+
+    @property
+    def logged_state(self) -> str | None:
+        """The state this connection logged last (a replacement does not log
+        the same again)."""
+        return self._last_state
 
     @property
     def address(self) -> str:
@@ -212,6 +221,7 @@ class MQTTConnection:
     ) -> None:
         if reason_code.is_failure:
             self._refused = True
+            self.refusals += 1
             self._log_state(f"broker {self.address} refused the connection: {reason_code}", True)
             return
         self._refused = False

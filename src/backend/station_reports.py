@@ -38,7 +38,7 @@ from .mqtt_connection import MQTTConnection, Presence
 
 CHECK_SECONDS = 5.0
 REFRESH_SECONDS = 300.0
-_STRIKES = 2  # connection drops while a report was outstanding
+_STRIKES = 2  # connection drops while a report was outstanding, or refused connections
 RETRY_SECONDS = 3_600.0
 
 
@@ -117,6 +117,10 @@ class StationReporter:
     def tick(self, connection: MQTTConnection) -> None:
         """Say online after a connect; publish the report if it changed or is
         due (cheap when neither)."""
+        if self.enabled and connection.presence is not None and connection.refusals >= _STRIKES:
+            # a broker may refuse a connection whose last will its ACL denies
+            # (or the credentials are wrong: then nothing is lost by this)
+            self._give_up(f"the broker refused {connection.refusals} connections with it")
         if not self.enabled and time.monotonic() >= self.retry_at:
             self.enabled = True  # the broker's ACL may have changed: try again
             self.strikes = 0

@@ -73,6 +73,7 @@ class FleetBroker:
         self.client.suppress_exceptions = True
         self.lock = threading.Lock()
         self.sightings: dict[str, Sightings] = {s: Sightings() for s in stations}
+        self.config_messages: dict[str, int] = {}  # messages seen on each config topic
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.refusal: str | None = None
@@ -142,26 +143,31 @@ class FleetBroker:
                 list(sightings.answers),
             )
 
-    def publish_retained(self, topic: str, payload: bytes) -> None:
-        """Publish retained with QoS 1 and wait for the broker's PUBACK;
-        `FleetBrokerError` when it does not come. An empty payload clears the
-        retained message."""
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise FleetBrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        try:
-            info.wait_for_publish(_PUBLISH_TIMEOUT_SECONDS)
-        except (RuntimeError, ValueError) as e:
-            raise FleetBrokerError(f"publish to {topic} failed: {e}") from None
-        if not info.is_published():
-            raise FleetBrokerError(
-                f"the broker did not acknowledge the publish to {topic} within "
-                f"{_PUBLISH_TIMEOUT_SECONDS:.0f} s"
-            )
+    def publish_config(self, station: str, payload: bytes) -> None:
+        """Make `payload` the retained message on `configurations/<station>`
+        (empty: none) and wait until the broker delivered it back to us;
+        `FleetBrokerError` when it does not. QoS 0, so that the broker keeps
+        no copy for a station that is away in its session: what such a
+        station gets when it returns is what is retained then, so a halt that
+        replaces it reaches it too (a QoS 1 copy queued in its session would
+        not be replaced)."""
+        topic = f"configurations/{station}"
         with self.lock:
-            station = topic.rsplit("/", 1)[-1]
-            if topic.startswith("configurations/") and station in self.sightings:
-                self.sightings[station].retained_config = payload or None
+            seen_before = self.config_messages.get(station, 0)
+        info = self.client.publish(topic, payload, qos=0, retain=True)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise FleetBrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + _PUBLISH_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            with self.lock:
+                echoed = self.config_messages.get(station, 0) > seen_before
+                if echoed and self.sightings[station].retained_config == (payload or None):
+                    return
+            time.sleep(0.02)
+        raise FleetBrokerError(
+            f"the broker did not deliver our publish to {topic} back within "
+            f"{_PUBLISH_TIMEOUT_SECONDS:.0f} s"
+        )
 
     def _on_connect(
         self,
@@ -221,6 +227,7 @@ class FleetBroker:
                     )
             elif parts[0] == "configurations" and len(parts) == 2:
                 sightings.retained_config = payload or None
+                self.config_messages[station] = self.config_messages.get(station, 0) + 1
             elif parts[0] == "acknowledgments" and len(parts) == 2:
                 sightings.answers = [*sightings.answers, *_answers_in(payload, now)][
                     -_ANSWERS_KEPT:

@@ -294,6 +294,7 @@ def _run(
             if not is_valid_revision(revision):
                 _fail(f"no revision is left above {revision - 1} (revisions end at 2**31 - 1)")
             waves = [stations[start:end] for start, end in zip([0, *ends], ends, strict=False)]
+            plan = {**plan, "wave_sizes": [len(wave) for wave in waves]}
             rollout_id = store.create(
                 inventory=inventory_path,
                 kind=kind,

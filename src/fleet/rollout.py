@@ -178,7 +178,8 @@ class Rollout:
         for target in members:
             if target.status == "waiting" and not self._send(target):
                 return False
-        planned = len(members)
+        sizes = self.record.plan.get("wave_sizes")
+        planned = sizes[wave] if isinstance(sizes, list) and wave < len(sizes) else len(members)
         while True:
             targets = self.store.targets(self.record.id)
             reachable = [t for t in targets if t.wave == wave and t.reachable_at_send is not False]
@@ -191,17 +192,22 @@ class Rollout:
                 return False
 
     def _resend_lost_sends(self) -> None:
-        """A rollout killed between recording a send and the broker's PUBACK
-        may not have sent it: whatever its config topic does not hold goes
-        out again (the same signed payload)."""
+        """A rollout killed between recording a send and the broker's
+        confirmation may not have sent it: whatever its config topic does not
+        hold goes out again (the same signed payload), unless a halt came."""
         for target in self.store.targets(self.record.id):
             if target.status != "sent" or target.sent_payload is None:
                 continue
-            if self.broker.seen(target.station).retained_config != target.sent_payload:
-                self.broker.publish_retained(
-                    f"configurations/{target.station}", target.sent_payload
-                )
-                self.progress(f"  sent to {target.station} again (the last send may be lost)")
+            if self.broker.seen(target.station).retained_config == target.sent_payload:
+                continue
+            if self.store.state(self.record.id) != "running":
+                return
+            self.broker.publish_config(target.station, target.sent_payload)
+            self.progress(f"  sent to {target.station} again (the last send may be lost)")
+            if self.store.state(self.record.id) != "running":
+                # a halt came while it was on its way: put it back too
+                restore(self.broker, self.store, self.record.id, target)
+                return
 
     def halt(self, reason: str) -> None:
         """Halt now: see the module's docstring."""
@@ -223,8 +229,9 @@ class Rollout:
             digest=hashlib.sha256(payload).hexdigest(),
             reachable=reachable,
         ):
-            return False
-        self.broker.publish_retained(f"configurations/{target.station}", payload)
+            # halted, or sent already by another process running this rollout
+            return self.store.state(self.record.id) == "running"
+        self.broker.publish_config(target.station, payload)
         self.progress(
             f"  sent to {target.station}"
             + ("" if reachable else " (unreachable: it takes the change when it returns)")
@@ -297,7 +304,7 @@ def restore(broker: FleetBroker, store: RolloutStore, rollout: int, target: Targ
     """Put back what was on a sent station's config topic before (or clear
     it when there was nothing), unless the station answered meanwhile."""
     try:
-        broker.publish_retained(f"configurations/{target.station}", target.previous_payload or b"")
+        broker.publish_config(target.station, target.previous_payload or b"")
     except FleetBrokerError as e:
         raise RolloutError(f"could not put {target.station}'s previous config back: {e}") from None
     store.withdrawn(rollout, target.station)

@@ -249,12 +249,13 @@ class RolloutStore:
         reachable: bool,
     ) -> bool:
         """Record that `station` is about to get the change (before it is
-        published); False, and nothing recorded, when the rollout is no longer
+        published); False, and nothing recorded, when it was recorded already
+        (another process runs this rollout) or the rollout is no longer
         running (a halt came first)."""
         with self._transaction():
             if self.state(rollout) != "running":
                 return False
-            self.connection.execute(
+            changed = self.connection.execute(
                 "UPDATE targets SET status = 'sent', previous_payload = ?, sent_payload = ?, "
                 "digest = ?, sent_at = ?, reachable_at_send = ? "
                 "WHERE rollout = ? AND station = ? AND status = 'waiting'",
@@ -267,8 +268,8 @@ class RolloutStore:
                     rollout,
                     station,
                 ),
-            )
-        return True
+            ).rowcount
+        return changed == 1
 
     def move_to_wave(self, rollout: int, station: str, wave: int) -> None:
         """Move a waiting station into an earlier wave."""
