@@ -10,6 +10,11 @@ ThingsBoard (MQTT device API, `JsonConverter`, `thingsboard.yml`): telemetry is
 an array of `{"ts": ms, "values": {...}}`; values are strings, booleans,
 numbers (integers must fit a Java long), JSON objects or arrays; an MQTT packet
 larger than 65,536 bytes closes the connection.
+
+`ivy fleet` (`src/fleet/broker.py`) is the reader of Ivy's own topics: it
+ignores a state report that `StationReport` does not validate or that names
+another station, and presence that is not `{"online": bool, "at": seconds}`;
+so a station publishing one would vanish from the fleet's view.
 """
 
 from __future__ import annotations
@@ -133,3 +138,33 @@ def check_payload(topic: str, payload: bytes) -> None:
             raise ValueError(f"ThingsBoard cannot convert this telemetry: {e}") from None
     elif topic.startswith("v1/devices/me/attributes/request/"):
         ThingsBoardAttributeRequest.model_validate_json(payload)
+    elif parts[0] == "ivy" and len(parts) == 3:
+        _check_fleet_payload(parts[1], parts[2], payload)
+
+
+# --- Ivy's fleet topics -------------------------------------------------------------
+
+FLEET_REPORT_MAX_BYTES = 8_192  # far below any broker's packet limit
+
+
+class FleetPresence(pydantic.BaseModel):
+    """`ivy/<id>/presence` as `ivy fleet` reads it."""
+
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+    online: bool
+    at: Annotated[float, Field(gt=0, lt=2**33, allow_inf_nan=False)] | None = None
+
+
+def _check_fleet_payload(station: str, kind: str, payload: bytes) -> None:
+    from src.types.fleet import StationReport
+
+    if kind == "state":
+        if len(payload) > FLEET_REPORT_MAX_BYTES:
+            raise ValueError(f"a state report of {len(payload)} bytes is not small and bounded")
+        report = StationReport.model_validate_json(payload)
+        if report.station != station:
+            raise ValueError(f"the report on {station}'s topic names {report.station}")
+    elif kind == "presence":
+        FleetPresence.model_validate_json(payload)
+    else:
+        raise ValueError(f"ivy/{station}/{kind} is not a topic `ivy fleet` reads")

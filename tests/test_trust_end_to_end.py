@@ -33,6 +33,7 @@ from benchmarks.production import (
     station_config,
 )
 from benchmarks.signing import make_signer
+from src.utils.update.signatures import envelope, sign_text, signed_document_text
 from tests.conftest import wait_until
 from tests.mqtt_helpers import Subscriber, publish
 from tests.production_fixtures import set_up, start
@@ -123,9 +124,31 @@ def test_only_the_operator_can_change_the_station(
     publish(broker.port, topic, {"revision": 2**31 - 1, "configuration": locked}, retain=True)
     assert wait_until(lambda: bool(logs(f"claiming revision {2**31 - 1} was not accepted")), 60)
 
+    # the same attack as fleet changes (merge patches), which the station
+    # merges into its running config: the attacker's key, the operator's own
+    # key naming the attacker's repository, and an operator's patch whose
+    # unsigned topic revision the attacker changed
+    evil_patch = {
+        "general": {"software_version": ATTACK_VERSION},
+        "updater": {"source": "git", "repository": attacker_repository},
+    }
+    attacker_patch = attacker_key.sign_change(evil_patch, [SENSOR], "patch")
+    publish(broker.port, topic, {"revision": 9, "configuration": attacker_patch}, retain=True)
+    assert wait_until(lambda: bool(logs("claiming revision 9 was not accepted")), timeout=60)
+    assert "not made by a key this station trusts" in logs("claiming revision 9")[0]
+    operator_patch = releases.config_key.sign_change(evil_patch, [SENSOR], "patch")
+    publish(broker.port, topic, {"revision": 10, "configuration": operator_patch}, retain=True)
+    assert wait_until(lambda: bool(acknowledged(10)), timeout=60)
+    assert acknowledged(10)[0]["success"] is False
+    text = signed_document_text({"system_checks": None}, [SENSOR], kind="patch", revision=11)
+    moved = envelope(text, sign_text(text, releases.config_key.private))
+    publish(broker.port, topic, {"revision": 12, "configuration": moved}, retain=True)
+    assert wait_until(lambda: bool(logs("the signed change says 11")), timeout=60)
+
     assert not os.path.exists(marker)
     assert not os.path.exists(os.path.join(station.root, ATTACK_VERSION))
     assert acknowledged(5) == acknowledged(6) == acknowledged(2**31 - 1) == []
+    assert acknowledged(9) == acknowledged(11) == acknowledged(12) == []
     measured = len(subscriber.items("measurements/"))
     assert wait_until(lambda: len(subscriber.items("measurements/")) >= measured + 2, 60)
     assert station.running_versions() == {BASE}

@@ -7,6 +7,7 @@ copies under a lock."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -44,7 +45,6 @@ class Sightings:
     """What the broker told us about one station."""
 
     report: StationReport | None = None
-    report_received_at: float | None = None
     online: bool | None = None
     presence_at: float | None = None
     retained_config: bytes | None = None
@@ -134,14 +134,7 @@ class FleetBroker:
         """A copy of what is known of `station`."""
         with self.lock:
             sightings = self.sightings[station]
-            return Sightings(
-                sightings.report,
-                sightings.report_received_at,
-                sightings.online,
-                sightings.presence_at,
-                sightings.retained_config,
-                list(sightings.answers),
-            )
+            return dataclasses.replace(sightings, answers=list(sightings.answers))
 
     def publish_config(self, station: str, payload: bytes) -> None:
         """Make `payload` the retained message on `configurations/<station>`
@@ -211,7 +204,6 @@ class FleetBroker:
                     return  # a station of another version, or not a station at all
                 if report.station == station:
                     sightings.report = report
-                    sightings.report_received_at = now
             elif parts[0] == "ivy" and parts[2] == "presence":
                 try:
                     presence = json.loads(payload)

@@ -13,9 +13,10 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from src.utils.sqlite_transaction import immediate_transaction
 
 RolloutState = Literal["running", "halted", "done"]
 # waiting: not sent yet; sent: on its config topic, no answer yet; accepted,
@@ -117,15 +118,8 @@ class RolloutStore:
         """Close the database."""
         self.connection.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self.connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return immediate_transaction(self.connection)
 
     def create(
         self,

@@ -25,7 +25,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import pydantic
@@ -43,6 +43,7 @@ from src.types import (
 from . import queue_destinations
 from .functions import utc_date_string
 from .queue_destinations import Destination, counter
+from .sqlite_transaction import immediate_transaction
 
 # the reference API's module-level paths (the agent reads src.constants at
 # call time, so that tests and tools can point it elsewhere)
@@ -261,17 +262,9 @@ class MessagingAgent:
         """Close the connection; the agent cannot be used afterwards."""
         self.connection.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception: a failed add
-        leaves no row behind."""
-        self.connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """All of it or nothing: a failed add leaves no row behind."""
+        return immediate_transaction(self.connection)
 
     def identifier_of(self, row_id: int) -> str:
         """The stable identifier of the message in row `row_id`."""
