@@ -71,6 +71,16 @@ def test_the_health_definition_names_what_is_missing() -> None:
         setattr(target, field, value)
         problem = watch_that_saw_it_run(before, state).problem(state, 31)
         assert problem is not None and expected in problem, (part, field, problem)
+    # nothing was due for a destination since its backend started (it gets
+    # only data, and none was measured): connected is all it can show
+    idle = healthy_state(now)
+    assert idle.backend_connection is not None
+    idle.backend_connection.last_acknowledgment = None
+    assert "has not acknowledged" in (watch_that_saw_it_run(before, idle).problem(idle, 31) or "")
+    idle.backend_connection.idle = True
+    assert watch_that_saw_it_run(before, idle).problem(idle, 31) is None
+    idle.backend_connection.connected = False
+    assert "not connected" in (watch_that_saw_it_run(before, idle).problem(idle, 31) or "")
     without_broker = healthy_state(now)
     without_broker.backend_connection = None
     del without_broker.processes["backend"]

@@ -361,39 +361,56 @@ def _answer(subscriber: Subscriber, revision: int) -> dict[str, Any] | None:
     )
 
 
+def home_station_config(home_port: int, seconds_between_datapoints: int) -> dict[str, Any]:
+    """A station whose one ThingsBoard backend, on `home_port`, is where its
+    configs come from; trials are short."""
+    config = template_config_dict()
+    config["general"]["system_identifier"] = STATION
+    config["general"]["config_revision"] = 1
+    config["dummy_procedure"]["seconds_between_datapoints"] = seconds_between_datapoints
+    config["system_checks"] = None
+    config["trial"] = {"deadline_seconds": 30, "stable_seconds": 2, "max_starts": 3}
+    config["backend"] = {
+        "provider": "thingsboard",
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": home_port,
+        "mqtt_client_id": "station-home",
+    }
+    return config
+
+
+def push_destinations(
+    home_port: int,
+    at_home: Subscriber,
+    config: dict[str, Any],
+    revision: int,
+    backends: dict[str, Any],
+) -> dict[str, Any]:
+    """Push `config` with these named destinations as revision `revision`
+    through the home broker and return the station's final answer."""
+    pushed = {**config, "general": {**config["general"], "config_revision": revision}}
+    pushed["backends"] = backends
+    publish(home_port, "v1/devices/me/attributes", {"configuration": signed(pushed)})
+    assert wait_until(lambda: _answer(at_home, revision) is not None, timeout=120, interval=0.5)
+    answer = _answer(at_home, revision)
+    assert answer is not None
+    return answer
+
+
 def test_a_remote_config_adds_and_removes_destinations_on_trial_and_one_that_breaks_is_refused(
     station: Station, research_broker: Broker, tmp_path: Any
 ) -> None:
     home = Broker(str(tmp_path / "home-broker"))  # where configs come from
     home.start()
     try:
-        config = template_config_dict()
-        config["general"]["system_identifier"] = STATION
-        config["general"]["config_revision"] = 1
-        config["dummy_procedure"]["seconds_between_datapoints"] = 1
-        config["system_checks"] = None
-        config["trial"] = {"deadline_seconds": 30, "stable_seconds": 2, "max_starts": 3}
-        config["backend"] = {
-            "provider": "thingsboard",
-            "mqtt_host": "127.0.0.1",
-            "mqtt_port": home.port,
-            "mqtt_client_id": "station-home",
-        }
+        config = home_station_config(home.port, seconds_between_datapoints=1)
         station.write_config(config)
         at_home = Subscriber(home.port, THINGSBOARD_TOPICS, client_id="home-recorder")
         research = Subscriber(research_broker.port, TENTA_TOPICS, client_id="research-recorder")
         assert station.cli("start").returncode == 0
 
         def push(revision: int, backends: dict[str, Any]) -> dict[str, Any]:
-            pushed = {**config, "general": {**config["general"], "config_revision": revision}}
-            pushed["backends"] = backends
-            publish(home.port, "v1/devices/me/attributes", {"configuration": signed(pushed)})
-            assert wait_until(
-                lambda: _answer(at_home, revision) is not None, timeout=120, interval=0.5
-            )
-            answer = _answer(at_home, revision)
-            assert answer is not None
-            return answer
+            return push_destinations(home.port, at_home, config, revision, backends)
 
         research_section = two_destinations(research_broker.port, 1)["backends"]["research"]
         # added on trial: it delivers, the config is kept
@@ -425,6 +442,38 @@ def test_a_remote_config_adds_and_removes_destinations_on_trial_and_one_that_bre
         assert wait_until(lambda: station.status()["queue"]["depth"] <= 5, timeout=60, interval=0.5)
         at_home.close()
         research.close()
+    finally:
+        station.cli("stop")
+        home.stop()
+
+
+def test_a_destination_that_gets_only_data_is_kept_while_the_station_has_measured_nothing(
+    station: Station, research_broker: Broker, tmp_path: Any
+) -> None:
+    """Nothing is due for it during the trial, so its broker cannot have
+    acknowledged anything: connected is the proof it can give, and a good
+    config must not be rejected for the station's quiet."""
+    home = Broker(str(tmp_path / "home-broker"))
+    home.start()
+    try:
+        # one data point a day, at midnight UTC: none during the trial
+        config = home_station_config(home.port, seconds_between_datapoints=86_400)
+        station.write_config(config)
+        at_home = Subscriber(home.port, THINGSBOARD_TOPICS, client_id="home-recorder")
+        assert station.cli("start").returncode == 0
+        data_only = {**two_destinations(research_broker.port, 1)["backends"]["research"]}
+        data_only["variants"] = ["data"]
+        answer = push_destinations(home.port, at_home, config, 2, {"research": data_only})
+        assert answer["config_status"] == "accepted", answer
+        status = station.status()
+        assert status["config"]["revision"] == 2
+        assert status["destinations"]["research"]["connection"]["connected"] is True
+        # idle is no excuse for a broker that is not there
+        broken = {**data_only, "mqtt_port": _free_port(), "mqtt_client_id": "broken"}
+        answer = push_destinations(home.port, at_home, config, 3, {"research": broken})
+        assert answer["config_status"] == "rejected"
+        assert "the backend of destination research is not connected" in answer["config_reason"]
+        at_home.close()
     finally:
         station.cli("stop")
         home.stop()

@@ -130,7 +130,7 @@ class Drainer:
         self.held_rows: dict[int, float] = {}  # row -> when to try it again
         self.hold_attempts: dict[int, int] = {}
         self.last_acknowledgment: float | None = None
-        self.published_connection: tuple[object, float | None] | None = None
+        self.published_connection: tuple[object, float | None, bool] | None = None
         self.published_at = 0.0
         self.unexpected_topics: set[str] = set()
 
@@ -446,11 +446,13 @@ class Drainer:
         for `ivy status`."""
         status = self.connection.status
         now = time.monotonic()  # a wall clock stepped back must not hold the writes for hours
-        current = (status, self.last_acknowledgment)
+        # flips at most once per process (nothing is idle after an acknowledgment)
+        idle = status.connected and self.last_acknowledgment is None and self._drained()
+        current = (status, self.last_acknowledgment, idle)
         if current == self.published_connection:
             return
         if self.published_connection is not None and (
-            self.published_connection[0] == status and now - self.published_at < 10
+            self.published_connection[0::2] == (status, idle) and now - self.published_at < 10
         ):
             return  # only the acknowledgment time moved: not worth a write per batch
         report = BackendConnectionState(
@@ -459,6 +461,7 @@ class Drainer:
             since=status.since,
             broker=status.broker,
             last_acknowledgment=self.last_acknowledgment,
+            idle=idle,
         )
         with StateInterface.update() as state:
             state.destinations = {**state.destinations, self.destination: report}

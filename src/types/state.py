@@ -67,6 +67,10 @@ class BackendConnectionState(_StateModel):
     since: float | None = None
     broker: str = ""
     last_acknowledgment: float | None = None
+    # connected, and nothing was due for this destination since its backend
+    # started: no acknowledgment can be expected yet (a data-only destination
+    # of a station that has measured nothing since)
+    idle: bool = False
 
 
 class SystemState(_StateModel):

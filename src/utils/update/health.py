@@ -7,7 +7,10 @@ and the backend write:
   change, and has run for `stable_seconds`;
 - every destination (backend) configured is connected and its broker has
   acknowledged a message since the change (the new main loop's startup
-  message, or the config's own acknowledgement).
+  message, or the config's own acknowledgement), unless nothing was due for
+  it since its backend started (a destination that gets only data, on a
+  station that has measured nothing since: there is nothing to acknowledge,
+  and a good config must not fail for that).
 
 "Since the change" means: different from the state read just before the
 change. "Recently" and "has run for" are measured on this process's monotonic
@@ -108,6 +111,8 @@ class HealthWatch:
                 _connection(state, destination),
                 _connection(self.before, destination),
             )
+            if connection is not None and connection.idle:
+                continue
             acknowledged = connection.last_acknowledgment if connection is not None else None
             if acknowledged is None or (
                 before is not None and acknowledged == before.last_acknowledgment
