@@ -94,10 +94,16 @@ class Mainloop:
         dropped it is accepted: a config rolled back brings it back with its
         rows. Called before the children start, and when a trial ends."""
         on_trial = self.updater.on_trial()
-        self.messaging_agent.sync_destinations(
+        released = self.messaging_agent.sync_destinations(
             self.config.destination_routes(), release_others=not on_trial
         )
         self.destinations_pending_release = on_trial
+        for name, count in sorted(released.items()):
+            if count:
+                self.logger.warning(
+                    f"destination {name} is no longer configured: {count} message(s) it had "
+                    "not got are no longer kept for it (the daily archive has them)"
+                )
 
     def stop_children(self) -> None:
         """Procedures first, then backends, each group in parallel."""

@@ -3,11 +3,15 @@ config, the old ones closed, no leaked connections."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import psutil
 import pytest
 
 from src.main import Mainloop
-from src.types import Config, DataMessageBody
+from src.types import Config, DataMessageBody, LogMessageBody
+from src.utils.update.version_trial import GUARD_ENVIRONMENT_VARIABLE
 from tests.conftest import template_config_dict
 
 pytestmark = pytest.mark.quick
@@ -67,3 +71,46 @@ def test_a_failing_main_loop_stops_its_children_before_it_ends(
         mainloop.run()
     assert mainloop.managers == []
     assert children and not any(psutil.pid_exists(pid) for pid in children)
+
+
+def with_destinations(*names: str) -> Config:
+    config: dict[str, Any] = template_config_dict()
+    config["backend"] = None
+    config["backends"] = {
+        name: {
+            "provider": "thingsboard",
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": 1,
+            "mqtt_client_id": f"ivy-{name}",
+        }
+        for name in names
+    }
+    return Config.model_validate(config)
+
+
+def test_a_candidate_version_keeps_the_rows_of_a_destination_its_config_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # its guard may still roll it back to the version that sends them
+    mainloop = Mainloop(with_destinations("research", "monitoring"))
+    mainloop.sync_destinations()
+    mainloop.messaging_agent.add_message(DataMessageBody(data={"x": 1}))
+    assert mainloop.messaging_agent.get_queue_depth("monitoring") == 1
+
+    monkeypatch.setenv(GUARD_ENVIRONMENT_VARIABLE, str(os.getppid()))
+    mainloop.reconfigure(with_destinations("research"))
+    mainloop.sync_destinations()
+    assert mainloop.messaging_agent.get_queue_depth("monitoring") == 1
+
+    # the committed version (no guard any more) lets them go
+    monkeypatch.delenv(GUARD_ENVIRONMENT_VARIABLE)
+    mainloop.sync_destinations()
+    assert "monitoring" not in mainloop.messaging_agent.destinations
+    warnings = [
+        item.message_body.subject
+        for item in mainloop.messaging_agent.get_n_latest_messages(10)
+        if isinstance(item.message_body, LogMessageBody)
+    ]
+    assert any(
+        "destination monitoring is no longer configured: 1 message" in w for w in warnings
+    ), warnings

@@ -284,18 +284,20 @@ class MessagingAgent:
 
     def sync_destinations(
         self, wanted: Mapping[str, tuple[frozenset[str], int]], release_others: bool = True
-    ) -> None:
+    ) -> dict[str, int]:
         """Make the registered destinations `wanted` (name -> the variants it
         gets and its size cap): new ones are added, changed ones updated, and
         the others released, so that rows are no longer kept for them (unless
-        not `release_others`: a config on trial that may yet be rolled back).
+        not `release_others`: a change on trial that may yet be rolled back).
+        Returns each released destination's name -> the rows it had not got.
         Called by the main loop at its start and after a config change."""
+        released: dict[str, int] = {}
         with self._transaction():
             self._refresh_destinations()
             takes_waiting_rows = not self.destinations
             for name, destination in self.destinations.items():
                 if name not in wanted and release_others:
-                    queue_destinations.unregister(self.connection, destination)
+                    released[name] = queue_destinations.unregister(self.connection, destination)
             registered = {
                 n: d for n, d in self.destinations.items() if n in wanted or not release_others
             }
@@ -314,6 +316,7 @@ class MessagingAgent:
                     "DELETE FROM queue WHERE (pending & ?) = 0", (self._live_mask,)
                 ).rowcount
                 self._add_to_counter("removed", deleted)
+        return released
 
     def ensure_destination(self, name: str, variants: frozenset[str], max_queued: int) -> None:
         """Register one destination if it is not (a backend run on its own,

@@ -156,15 +156,17 @@ def _set(connection: sqlite3.Connection, name: str, value: int) -> None:
     )
 
 
-def unregister(connection: sqlite3.Connection, destination: Destination) -> None:
+def unregister(connection: sqlite3.Connection, destination: Destination) -> int:
     """Forget a destination: its bit is cleared from every row (so its rows
-    are no longer kept for it) and its counters go."""
-    connection.execute(
+    are no longer kept for it) and its counters go. Returns how many rows it
+    had not got."""
+    released = connection.execute(
         "UPDATE queue SET pending = pending & ~? WHERE pending & ?",
         (destination.mask, destination.mask),
-    )
+    ).rowcount
     connection.execute("DELETE FROM destinations WHERE name = ?", (destination.name,))
     connection.execute(
         "DELETE FROM counters WHERE name LIKE ? ESCAPE '\\'",
         ("%@" + destination.name.replace("%", "\\%").replace("_", "\\_"),),
     )
+    return released

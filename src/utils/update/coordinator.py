@@ -98,8 +98,10 @@ class UpdateCoordinator:
             self.trial.watch(self.config)
 
     def on_trial(self) -> bool:
-        """Whether a config is on trial (or about to be, its children starting)."""
-        return self.trial is not None or self.restarting is not None
+        """Whether a change is on trial: a config (or about to be, its
+        children starting), or this whole version (a candidate's main loop,
+        judged by its guard, which may still roll it back)."""
+        return self.trial is not None or self.restarting is not None or is_guarded()
 
     def sentinels(self) -> list[int]:
         """What the main loop waits on besides its children (the worker)."""
