@@ -22,8 +22,10 @@ from src.backend.config_receiver import ConfigReceiver
 from src.backend.station_reports import station_report
 from src.backend.tenta_backend import TentaProvider
 from src.fleet.broker import FleetBroker
-from src.fleet.commands import printable
+from src.fleet.commands import printable, view_line
+from src.fleet.rollout import next_revision
 from src.fleet.store import RolloutStore
+from src.fleet.view import view
 from src.types import Config
 from src.types.config import BrokerConnection
 from src.types.state import ProcessState
@@ -172,6 +174,48 @@ def test_hostile_retained_messages_do_not_break_the_operators_view(tmp_path: Any
             assert seen.online is True and seen.report is None and seen.answers == []
             fleet.publish_config(STATION, b"{}")  # still working
             assert fleet.seen(STATION).retained_config == b"{}"
+
+
+def test_a_forged_report_cannot_crash_the_view_or_use_up_the_revisions(tmp_path: Any) -> None:
+    genuine: dict[str, Any] = {
+        "station": STATION,
+        "version": "1.0.0",
+        "config_revision": 5,
+        "running": True,
+        "healthy": True,
+        "backlog": 0,
+        "reported_at": 1_700_000_000.0,
+    }
+    forged: list[dict[str, Any]] = [
+        {"reported_at": 1e300},  # gmtime() overflowed; "heard" for ever
+        {"backlog": -1},
+        {"problems": ["x" * 100_000]},
+        {"last_config": {"revision": 5, "status": "accepted", "at": 1e300}},
+    ]
+    with Broker.running(str(tmp_path / "broker")) as broker:
+        settings = BrokerConnection(
+            mqtt_host="127.0.0.1", mqtt_port=broker.port, mqtt_client_id="operator"
+        )
+        publish(broker.port, f"ivy/{STATION}/presence", {"online": False}, True)
+        for change in forged:
+            publish(broker.port, f"ivy/{STATION}/state", {**genuine, **change}, True)
+            with FleetBroker(settings, [STATION]) as fleet:
+                fleet.settle(2)
+                seen = fleet.seen(STATION)
+                assert seen.report is None, change
+                assert view_line(view(STATION, seen)) == f"{STATION}  unreachable"
+        not_a_number = json.dumps({**genuine, "reported_at": float("nan")})  # Python writes NaN
+        publish(broker.port, f"ivy/{STATION}/state", not_a_number.encode(), True)
+        with FleetBroker(settings, [STATION]) as fleet:
+            fleet.settle(2)
+            assert fleet.seen(STATION).report is None
+    # a report claiming the last revision there is (2**31 - 1) cannot stop
+    # the next rollout: it signs the lowest revision above its own that no
+    # station uses, so that no old answer passes for one to it
+    assert next_revision(7, {5, 6}) == 8
+    assert next_revision(7, {5, 2**31 - 1}) == 8
+    assert next_revision(7, {8, 9, 2**31 - 1}) == 10
+    assert next_revision(2**31 - 1, set()) is None
 
 
 def test_the_operators_store_and_terminal_are_safe(tmp_path: Any) -> None:

@@ -10,7 +10,6 @@ from typing import Any, Literal, NoReturn
 
 import click
 
-from src.types.config import is_valid_revision
 from src.utils.durations import parse_duration
 
 from .broker import FleetBroker, FleetBrokerError
@@ -21,8 +20,10 @@ from .rollout import (
     Rollout,
     RolloutError,
     change_digest,
+    next_revision,
     parse_waves,
     restore,
+    revisions_in_use,
 )
 from .store import RolloutRecord, RolloutStore, Target
 from .view import DEFAULT_UNREACHABLE_AFTER_SECONDS, StationView, is_reachable, summary, view
@@ -122,7 +123,7 @@ def fleet_status(inventory_path: str, unreachable_after: str, as_json: bool) -> 
         )
     else:
         for station_view in views:
-            click.echo(printable(_view_line(station_view)))
+            click.echo(printable(view_line(station_view)))
         counts = summary(views)
         click.echo(
             f"{counts['stations']} station(s): "
@@ -144,7 +145,8 @@ def _view_json(station_view: StationView) -> dict[str, Any]:
     }
 
 
-def _view_line(station_view: StationView) -> str:
+def view_line(station_view: StationView) -> str:
+    """One station's line in `ivy fleet status` (before escaping for the terminal)."""
     report = station_view.sightings.report
     line = f"{station_view.station}  {station_view.condition}"
     if station_view.condition == "unreachable" and station_view.since is not None:
@@ -287,12 +289,19 @@ def _run(
         if record is not None:
             _progress(f"resuming rollout {record.id} (revision {record.revision})")
         else:
-            known = [broker.seen(s).report for s in stations]
-            revision = 1 + max(
-                [store.highest_revision(), *(r.config_revision or 0 for r in known if r)]
-            )
-            if not is_valid_revision(revision):
-                _fail(f"no revision is left above {revision - 1} (revisions end at 2**31 - 1)")
+            in_use = {s: revisions_in_use(broker.seen(s)) for s in stations}
+            highest_sent = store.highest_revision()
+            found = next_revision(highest_sent, set().union(*in_use.values()))
+            if found is None:
+                _fail(f"no revision is left above {highest_sent} (revisions end at 2**31 - 1)")
+            revision = found
+            suspects = sorted(s for s, used in in_use.items() if max(used, default=0) >= revision)
+            if suspects:
+                _progress(
+                    f"warning: {', '.join(map(printable, suspects))} report(s) a config revision "
+                    f"at the end of the range; signing revision {revision} instead (if nobody "
+                    "pushed such a revision, those reports are forged: check the broker's ACL)"
+                )
             waves = [stations[start:end] for start, end in zip([0, *ends], ends, strict=False)]
             plan = {**plan, "wave_sizes": [len(wave) for wave in waves]}
             rollout_id = store.create(

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from src.types.config import is_valid_revision
 from src.utils.update.signatures import envelope, sign_text, signed_document_text
 
 from .broker import FleetBroker, FleetBrokerError, Sightings
@@ -99,6 +100,33 @@ def station_payload(
     text = signed_document_text(change, [station], kind=kind, revision=revision)
     signed = envelope(text, sign_text(text, key))
     return json.dumps({"revision": revision, "configuration": signed}).encode()
+
+
+def revisions_in_use(seen: Sightings) -> set[int]:
+    """The config revisions a station reports or answered about: a new
+    rollout's must be none of them, or an old answer could pass for its."""
+    used = {answer.revision for answer in seen.answers}
+    if seen.report is not None:
+        used.add(seen.report.config_revision or 0)
+        if seen.report.last_config is not None:
+            used.add(seen.report.last_config.revision)
+    return used
+
+
+def next_revision(highest_sent: int, in_use: set[int]) -> int | None:
+    """The revision a new rollout signs: one above every revision this tool
+    sent and every one in use on a station. What stations report is not
+    signed, so a forged report can claim the last revision there is: then
+    the lowest one above those this tool sent that no station uses, so that
+    no report can lock the operator out. None when no revision is left."""
+    above_all = 1 + max([highest_sent, *in_use])
+    if is_valid_revision(above_all):
+        return above_all
+    # at most len(in_use) + 1 candidates to look at
+    candidate = highest_sent + 1
+    while candidate in in_use:
+        candidate += 1
+    return candidate if is_valid_revision(candidate) else None
 
 
 def answer_of(target: Target, revision: int, seen: Sightings) -> tuple[str, str | None] | None:

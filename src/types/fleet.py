@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import Field
@@ -18,6 +18,11 @@ STATE_FORMAT: Literal["ivy-station-state/1"] = "ivy-station-state/1"
 # a report stays far below any broker's packet limit
 MAX_PROBLEMS = 10
 MAX_TEXT_CHARS = 500
+
+# a report is read by the operator's tool: every figure in it is bounded, so
+# that a forged one can neither crash the tool nor keep a station "heard" for ever
+UnixSeconds = Annotated[float, Field(ge=0, lt=2**33, allow_inf_nan=False)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 def state_topic(station: str) -> str:
@@ -51,8 +56,8 @@ class ConfigAnswerReport(pydantic.BaseModel):
 
     revision: int = Field(..., ge=0, lt=2**31)
     status: str = Field(..., max_length=32)
-    reason: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    at: float
+    reason: Text | None = None
+    at: UnixSeconds
 
 
 class RefusalReport(pydantic.BaseModel):
@@ -61,8 +66,8 @@ class RefusalReport(pydantic.BaseModel):
     own payload from anyone else's."""
 
     digest: str = Field(..., pattern=r"^[0-9a-f]{64}$")
-    reason: str = Field(..., max_length=MAX_TEXT_CHARS)
-    at: float
+    reason: Text
+    at: UnixSeconds
 
 
 class StationReport(pydantic.BaseModel):
@@ -74,12 +79,12 @@ class StationReport(pydantic.BaseModel):
     config_revision: int | None = Field(..., ge=0, lt=2**31)
     running: bool
     healthy: bool
-    problems: list[str] = Field(default_factory=list, max_length=MAX_PROBLEMS)
-    backlog: int
-    oldest_unsent_age_seconds: float | None = None
+    problems: list[Text] = Field(default_factory=list, max_length=MAX_PROBLEMS)
+    backlog: int = Field(..., ge=0)
+    oldest_unsent_age_seconds: Annotated[float, Field(allow_inf_nan=False)] | None = None
     last_config: ConfigAnswerReport | None = None
     last_refused: RefusalReport | None = None
-    reported_at: float = Field(default_factory=time.time)
+    reported_at: UnixSeconds = Field(default_factory=time.time)
 
     def fingerprint(self) -> str:
         """The report without its time and the fast-moving backlog figures:
