@@ -14,15 +14,19 @@ import copy
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.mosquitto import Broker
+from benchmarks.signing import make_signer
 from tests.conftest import Station, signed, template_config_dict, wait_until
 from tests.mqtt_helpers import Subscriber, broker_fixture, publish
 
@@ -250,6 +254,64 @@ def test_a_flood_of_unsigned_configs_is_answered_briefly_and_locks_nobody_out(
     remote.push(5, good)  # the operator's next config, signed, revision 5
     answer = remote.next_answer(count, timeout=60)
     assert answer["status"] == "accepted" and answer["revision"] == "5", answer
+    remote.subscriber.close()
+
+
+@pytest.mark.parametrize("provider", ["tenta"])
+def test_a_flood_of_configs_signed_by_a_stranger_does_not_stop_the_data(
+    station: Station, broker: Broker, provider: str, tmp_path: Any
+) -> None:
+    """Each distinct message signed by a key the station does not trust costs
+    an ssh-keygen run; the backend once judged every waiting message before
+    sending anything, so a flood faster than that kept all data back (and
+    grew its memory). Now it judges a few per turn from a bounded backlog."""
+    remote = RemoteStation(station, broker, provider)
+    stranger = make_signer(str(tmp_path / "stranger"), "stranger")
+    text = stranger.sign_text(remote.valid, stations=[remote.identifier])
+    flooding = threading.Event()
+    flooding.set()
+    sent = 0
+
+    def flood() -> None:
+        nonlocal sent
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + 120  # bounded, whatever happens
+            while flooding.is_set() and time.monotonic() < deadline:
+                # a new revision each time: a new digest, so a new check
+                payload = f'{{"revision": {1000 + sent}, "configuration": {text}}}'.encode()
+                client.publish(f"configurations/{SENSOR}", payload, qos=0)
+                sent += 1
+                if sent % 200 == 0:
+                    time.sleep(0.01)  # let paho's thread write
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    flooder = threading.Thread(target=flood)
+    before = remote.measurements()
+    flooder.start()
+    try:
+        assert wait_until(lambda: sent >= 2_000, timeout=60)
+        # the procedure measures once a second: its data keeps arriving
+        assert wait_until(lambda: remote.measurements() >= before + 10, timeout=60, interval=0.5)
+    finally:
+        flooding.clear()
+        flooder.join(timeout=30)
+    print(f"{sent} configs signed by a stranger; data kept flowing")
+    # the flood left the next legitimate change its way in
+    count = len(remote.answers())
+    good = copy.deepcopy(remote.valid)
+    good["dummy_procedure"]["seconds_between_datapoints"] = 2
+    remote.push(5, good)
+    assert wait_until(
+        lambda: any(a["revision"] == "5" for a in remote.answers()[count:]), timeout=120
+    )
+    answer = next(a for a in remote.answers()[count:] if a["revision"] == "5")
+    assert answer["status"] == "accepted", answer
+    assert station.status()["config"]["revision"] == 5  # none of the stranger's ran
     remote.subscriber.close()
 
 

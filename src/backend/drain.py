@@ -30,7 +30,7 @@ from src.utils.messaging_agent import MessagingAgent
 from src.utils.state_interface import StateInterface
 
 from .config_receiver import ConfigReceiver
-from .mqtt_connection import MQTTConnection
+from .mqtt_connection import RECEIVED_KEPT, MQTTConnection
 from .provider import Provider, Publish, pack_rows
 from .rate_limit import TokenBucket
 from .station_reports import StationReporter, presence
@@ -45,6 +45,7 @@ _MAX_REFUSAL_BACKOFF = 60.0
 # failed connection attempts at one address before the next is tried
 _FAILURES_BEFORE_FAILOVER = 2
 _GAP_CHECK_SECONDS = 5.0
+_RECEIVED_PER_TURN = 8  # received messages judged between two rounds of publishing
 
 
 def destination_section(config: Config, name: str) -> BackendConfig:
@@ -135,6 +136,7 @@ class Drainer:
         self.unexpected_topics: set[str] = set()
 
     def _new_connection(self, logged_state: str | None = None) -> MQTTConnection:
+        self.received_drops_logged = 0
         return MQTTConnection(
             self.backend,
             self.logger,
@@ -175,7 +177,7 @@ class Drainer:
                 if teardown_at is not None and self._done_draining(teardown_at):
                     break
                 published = self._publish_more() if self.connection.is_connected() else False
-                if not published:
+                if not published and not self.connection.received:
                     self.connection.wakeup.wait(_IDLE_POLL_SECONDS)
                     self.connection.wakeup.clear()
         finally:
@@ -429,8 +431,13 @@ class Drainer:
         self.hold_attempts.pop(row_id, None)
 
     def _process_received_configs(self) -> None:
-        while not self.connection.received.empty():
-            topic, payload = self.connection.received.get()
+        """Judge a few of the received messages per turn of the loop: each
+        may cost a signature check, and a flood of them must not keep the
+        loop from sending data (the rest wait, bounded, for the next turns)."""
+        for _ in range(_RECEIVED_PER_TURN):
+            if not self.connection.received:
+                break
+            topic, payload = self.connection.received.popleft()
             if not self.provider.expects(topic):
                 if topic not in self.unexpected_topics:
                     self.unexpected_topics.add(topic)
@@ -439,6 +446,13 @@ class Drainer:
             received = self.provider.config_in(topic, payload)
             if received is not None:
                 self.receiver.handle(received, payload)
+        dropped = self.connection.received_dropped - self.received_drops_logged
+        if dropped >= 1 and not self.connection.received:
+            self.logger.warning(
+                f"a flood on the subscribed topics: {dropped} message(s) were pushed out "
+                f"unread by newer ones (more than {RECEIVED_KEPT} were waiting)"
+            )
+            self.received_drops_logged += dropped
 
     def _publish_connection_state(self) -> None:
         """Write the connection's state into the shared state when it changed

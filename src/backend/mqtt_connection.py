@@ -11,6 +11,7 @@ events on queues; the backend's own thread does all the work.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import random
@@ -37,6 +38,8 @@ _RECONNECT_MIN_DELAY = 0.5
 _SOON_AFTER_CONNACK_SECONDS = 2.0
 # at a clean stop, how long the offline presence may take to be acknowledged
 _PRESENCE_WAIT_SECONDS = 2.0
+# received messages waiting for the backend's thread (configs are few; more is a flood)
+RECEIVED_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,13 @@ class MQTTConnection:
         # events from paho's network thread, consumed by the backend's thread
         # (message id, None when accepted or the broker's refusal reason)
         self.acknowledged: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()
-        self.received: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        # the newest messages on the subscribed topics, bounded: a flood must
+        # not grow the backend (a retained config comes again at the next
+        # connection); how many were pushed out is counted
+        self.received: collections.deque[tuple[str, bytes]] = collections.deque(
+            maxlen=RECEIVED_KEPT
+        )
+        self.received_dropped = 0
         self.wakeup = threading.Event()
         self._connected = threading.Event()
         self._connected_at = 0.0
@@ -299,5 +308,7 @@ class MQTTConnection:
         self.wakeup.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.received.put((message.topic, bytes(message.payload)))
+        if len(self.received) == RECEIVED_KEPT:
+            self.received_dropped += 1  # only this thread writes it
+        self.received.append((message.topic, bytes(message.payload)))
         self.wakeup.set()

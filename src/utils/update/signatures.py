@@ -50,6 +50,11 @@ class SignatureError(Exception):
     answer), never with the config in it."""
 
 
+class SignatureUnchecked(SignatureError):
+    """The signature could not be checked just now (ssh-keygen too slow on a
+    busy machine): no verdict on the config, which may be judged again."""
+
+
 class SignedDocument(pydantic.BaseModel):
     """What the signature covers."""
 
@@ -108,7 +113,7 @@ def _ssh_keygen(arguments: list[str], stdin: bytes) -> subprocess.CompletedProce
     except FileNotFoundError:
         raise SignatureError("ssh-keygen is not installed (package openssh-client)") from None
     except subprocess.TimeoutExpired:
-        raise SignatureError("ssh-keygen took too long to verify the signature") from None
+        raise SignatureUnchecked("ssh-keygen took too long to verify the signature") from None
 
 
 def verify_signature(data: bytes, signature: str, signers_path: str, namespace: str) -> str:
