@@ -126,6 +126,18 @@ def test_an_expired_config_is_refused(keys: dict[str, Signer], signers_file: str
     assert verify_envelope(envelope, signers_file, STATION, now=1_000_059.0).signer
 
 
+def test_a_config_signed_ahead_of_the_stations_clock_is_refused(
+    keys: dict[str, Signer], signers_file: str
+) -> None:
+    # taken, a signer's clock set to 2030 would make every config signed at
+    # the right time look like a replay until 2030
+    envelope = keys["operator"].sign(config(), now=1_900_000_000.0)
+    with pytest.raises(SignatureError, match="more than a day ahead of this station's clock"):
+        verify_envelope(envelope, signers_file, STATION, now=1_800_000_000.0)
+    # a station whose clock is a few hours behind still takes it
+    assert verify_envelope(envelope, signers_file, STATION, now=1_900_000_000.0 - 3 * 3600).signer
+
+
 def test_a_signed_document_that_is_not_ivys_is_refused(
     keys: dict[str, Signer], signers_file: str, tmp_path: Any
 ) -> None:

@@ -45,6 +45,11 @@ _MAX_SIGNATURE_CHARS = 16_384
 _STATION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+# how far ahead of the station's clock a signature may say it was made (clocks
+# of unsynchronised stations drift; a signer's set years ahead is refused)
+MAX_SIGNED_AHEAD_SECONDS = 86_400.0
+
+
 class SignatureError(Exception):
     """A signed config cannot be accepted; the message says why (for the
     answer), never with the config in it."""
@@ -185,6 +190,13 @@ def verify_envelope(
             + f", not for this station ({station})"
         )
     now = time.time() if now is None else now
+    if document.signed_at > now + MAX_SIGNED_AHEAD_SECONDS:
+        # taken, it would make every config signed at the right time look
+        # like a replay until then: one wrong clock would lock the station out
+        raise SignatureError(
+            f"signed at {_utc(document.signed_at)}, more than a day ahead of this "
+            f"station's clock ({_utc(now)}): check the signer's clock (and the station's)"
+        )
     if document.expires_at is not None and now > document.expires_at:
         raise SignatureError(
             f"expired at {_utc(document.expires_at)} (signed at {_utc(document.signed_at)})"
