@@ -228,7 +228,14 @@ def test_a_rollout_goes_wave_by_wave_an_away_station_takes_it_later_and_rollback
     ), fleet.revisions()
     assert fleet.setting(away) == 2
 
-    # rollback: the stations that took it run the config from before it again
+    # one station has moved on since (a later change for its site alone)
+    later = {"dummy_procedure": {"seconds_between_datapoints": 3}}
+    result = fleet.ivy(*fleet.rollout_args(later, "--group", "site-b", "--json"))
+    assert result.returncode == 0, result.stderr
+    assert fleet.setting(second) == 3
+
+    # rollback: the stations that took it run the config from before it
+    # again; the one that moved on keeps the later change
     result = fleet.ivy(
         "rollback",
         "--inventory",
@@ -237,15 +244,21 @@ def test_a_rollout_goes_wave_by_wave_an_away_station_takes_it_later_and_rollback
         operator_key().private,
         "--store",
         fleet.store,
+        "--rollout",
+        str(report["rollout"]),
         "--json",
     )
     assert result.returncode == 0, result.stderr
-    rolled_back = json.loads(result.stdout)
-    assert len(rolled_back["stations"]["accepted"]) == 3
-    assert all(fleet.setting(s) == 1 for s in STATIONS)
-    assert wait_until(
-        lambda: set(fleet.revisions().values()) == {rolled_back["revision"]}, timeout=60
+    assert f"{second} runs revision {revision + 1} now, not {revision}: left alone" in (
+        result.stderr
     )
+    rolled_back = json.loads(result.stdout)
+    assert sorted(s["station"] for s in rolled_back["stations"]["accepted"]) == sorted(
+        [away, first]
+    )
+    assert fleet.setting(away) == fleet.setting(first) == 1
+    assert fleet.setting(second) == 3
+    assert wait_until(lambda: fleet.revisions()[first] == rolled_back["revision"], timeout=60)
 
 
 def test_a_canary_that_fails_its_trial_halts_the_rollout_and_touches_no_other(

@@ -6,6 +6,10 @@ counted."""
 
 from __future__ import annotations
 
+import select
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,3 +99,85 @@ def test_a_row_that_makes_the_broker_hang_up_is_isolated(
         assert agent.get_poisoned_count() == 1
         assert "looking for a poison row" in log_text()
         subscriber.close()
+
+
+class FlakyLink:
+    """A TCP relay to a broker that, for its first `bad` connections, passes
+    what the station sends but nothing back after the first reply (the
+    CONNACK), and cuts the connection `cut_after` seconds in: a link that
+    stalls, as a mobile one does, not a broker that refuses a row."""
+
+    def __init__(self, broker_port: int, bad: int, cut_after: float) -> None:
+        self.broker_port = broker_port
+        self.bad = bad
+        self.cut_after = cut_after
+        self.connections = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = int(self.server.getsockname()[1])
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(timeout=10)
+        self.server.close()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            flaky = self.connections < self.bad
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(client, flaky), daemon=True).start()
+
+    def _relay(self, client: socket.socket, flaky: bool) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+        started, replies = time.monotonic(), 0
+        try:
+            while self.running and not (flaky and time.monotonic() - started > self.cut_after):
+                readable, _, _ = select.select([client, upstream], [], [], 0.1)
+                for side in readable:
+                    data = side.recv(65_536)
+                    if not data:
+                        return
+                    if side is client:
+                        upstream.sendall(data)
+                    elif not flaky or replies == 0:
+                        replies += 1
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+
+def test_a_link_that_keeps_failing_makes_no_row_poison(
+    tmp_path: Any, data_dir: str, processes: list[BackendProcess]
+) -> None:
+    # eight connections in a row that take the rows and lose the answers, cut
+    # 3 s in: a row is blamed only when the broker hangs up right after
+    # accepting the connection (it once took six such drops to drop a row)
+    with Broker.running(str(tmp_path / "broker")) as broker:
+        link = FlakyLink(broker.port, bad=8, cut_after=3.0)
+        try:
+            config = config_dict(link.port, reconnect_max_seconds=1)
+            config["logging_verbosity"]["message_sending"] = None
+            agent = agent_for(config)
+            subscriber = Subscriber(broker.port, TENTA_TOPICS, client_id="link-subscriber")
+            agent.add_messages([DataMessageBody(data={"i": i}) for i in range(5)])
+            start_backend(processes, data_dir, config)
+
+            assert wait_until(lambda: link.connections > 8, timeout=120), log_text()
+            assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=60), log_text()
+            assert agent.get_poisoned_count() == 0
+            assert "looking for a poison row" not in log_text()
+            assert set(sequence_numbers(subscriber.items("measurements/"))) == set(range(5))
+            assert error_logs(subscriber) == []
+            subscriber.close()
+        finally:
+            link.close()

@@ -126,6 +126,7 @@ class Drainer:
         self.poisoned_rows: dict[int, str] = {}  # row -> why it goes out as an error
         self.one_at_a_time = False  # while the culprit of connection drops is sought
         self.seen_disconnects = 0
+        self.seen_prompt_disconnects = 0
         self.acknowledged_since_drop = False
         self.fruitless_drops = 0
         self.held_rows: dict[int, float] = {}  # row -> when to try it again
@@ -293,9 +294,13 @@ class Drainer:
         if self.acknowledged_since_drop:
             self.fruitless_drops = 0
         self.acknowledged_since_drop = False
+        prompt = self.connection.prompt_disconnects
         if self.rows_of_publish:
-            self.fruitless_drops += drops - self.seen_disconnects
+            # only a prompt drop blames what is in flight: a link that fails
+            # at random must not make good rows poison
+            self.fruitless_drops += prompt - self.seen_prompt_disconnects
         self.seen_disconnects = drops
+        self.seen_prompt_disconnects = prompt
         if self.fruitless_drops < _FRUITLESS_DROPS_BEFORE_ISOLATING:
             return
         # the broker closes the connection whenever these publishes are resent
@@ -333,6 +338,7 @@ class Drainer:
         self.connection.stop()
         self.connection = self._new_connection(self.connection.logged_state)
         self.seen_disconnects = 0
+        self.seen_prompt_disconnects = 0
         self.connection.start()
 
     def _fail_over(self) -> None:

@@ -112,6 +112,10 @@ class MQTTConnection:
             connected=False, detail="connecting", since=time.time(), broker=self.address
         )
         self.disconnects = 0  # connections lost after the broker had accepted them
+        # of those, the ones lost soon after the broker accepted them (when
+        # paho sends again what was in flight): a row the broker will not
+        # take shows itself that way, a flaky link rarely does
+        self.prompt_disconnects = 0
         self.refusals = 0  # CONNACKs with a failure
 
         self.client = new_mqtt_client(config)
@@ -279,6 +283,7 @@ class MQTTConnection:
             if not reason_code.is_failure:
                 return  # we disconnected
             if time.monotonic() - self._connected_at < _SOON_AFTER_CONNACK_SECONDS:
+                self.prompt_disconnects += 1
                 self._log_state(
                     f"broker {self.address} closed the connection right after accepting it "
                     f"({reason_code}){self._protocol_hint()}",

@@ -470,10 +470,27 @@ def fleet_rollback(
             and (report := broker.seen(s).report) is not None
             and report.config_revision == record.revision
         ]
+        # a revert to the config before this change would undo a later one too
+        moved_on = {
+            s: report.config_revision
+            for s in took
+            if (report := broker.seen(s).report) is not None
+            and report.config_revision not in (None, record.revision)
+        }
     finally:
         broker.close()
+    for station, revision in sorted(moved_on.items()):
+        _progress(
+            f"{printable(station)} runs revision {revision} now, not {record.revision}: "
+            "left alone (rolling back would undo that later change too)"
+        )
+    took = [s for s in took if s not in moved_on]
     if not took:
-        _fail(f"no station took rollout {record.id}'s change (revision {record.revision})")
+        _fail(
+            f"no station runs rollout {record.id}'s change (revision {record.revision}) any more"
+            if moved_on
+            else f"no station took rollout {record.id}'s change (revision {record.revision})"
+        )
     _run(
         inventory,
         inventory_path,
