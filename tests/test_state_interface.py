@@ -57,6 +57,23 @@ def test_corrupt_file_is_moved_aside_logged_and_replaced(content: bytes) -> None
     assert StateInterface.load().mainloop.pid == 5
 
 
+def test_a_corrupt_file_keeps_the_replay_guards_it_still_holds() -> None:
+    # lost, every old signed config would be new to the station again
+    with open(constants.STATE_PATH, "wb") as f:
+        f.write(
+            b'{"mainloop": {"pid": "x"}, "newest_signed_config_at": 1800000000.5, '
+            b'"highest_handled_config_revision": 41, "config_outcomes": [{"trunc'
+        )
+    state = StateInterface.load()
+    assert state.mainloop.pid is None
+    assert state.newest_signed_config_at == 1_800_000_000.5
+    assert state.highest_handled_config_revision == 41
+    with open(constants.STATE_PATH, "wb") as f:
+        f.write(b'{"newest_signed_config_at": 1e999, "highest_handled_config_revision": 2e40')
+    state = StateInterface.load()  # nothing that would not validate is kept
+    assert state.newest_signed_config_at is None and state.highest_handled_config_revision is None
+
+
 def test_unknown_keys_from_another_version_are_ignored() -> None:
     with open(constants.STATE_PATH, "w") as f:
         f.write('{"mainloop": {"pid": 7}, "a_future_field": [1, 2]}')

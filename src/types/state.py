@@ -169,7 +169,7 @@ class State(_StateModel):
     # the signed ordering value of the newest signed config handled (accepted
     # or rejected): a signed config is new only when signed later, whatever
     # its revision, so that replays and huge revisions lock nobody out
-    newest_signed_config_at: float | None = None
+    newest_signed_config_at: float | None = Field(None, allow_inf_nan=False)
     # the highest config revision that was accepted: a remote config must be
     # newer. Only accepted configs move it, so that a rejected config with an
     # absurd revision cannot lock out every later one.

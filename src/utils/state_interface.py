@@ -3,13 +3,15 @@
 `update()` holds the file lock over the whole read-modify-write, so concurrent
 updates never lose each other's changes; the write is atomic. A file that does
 not parse is moved aside as `state.json.corrupt-<time>`, logged, and replaced by
-defaults.
+defaults, except for what guards the station against replayed configs, which
+is kept wherever it can still be read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -25,6 +27,12 @@ from .logger import Logger
 
 _LOCK_TIMEOUT_SECONDS = 30
 _CORRUPT_COPIES_KEPT = 3
+# the replay guards: lost with a corrupt file, every old signed config (or,
+# unsigned, every old revision) would be new to the station again
+_SALVAGED = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*([0-9][0-9.eE+]*)')
+    for name in ("newest_signed_config_at", "highest_handled_config_revision")
+}
 # the reference API's module-level paths (read from src.constants at call time)
 STATE_FILE: str = constants.STATE_PATH
 STATE_FILE_LOCK: str = constants.STATE_LOCK_PATH
@@ -84,7 +92,20 @@ class StateInterface:
                 f"state file could not be read and was moved to {aside}; starting from defaults",
                 details=str(e),
             )
-            return State()
+            return _salvaged(content)
+
+
+def _salvaged(content: bytes) -> State:
+    """Defaults, with the replay guards found in the unreadable `content`
+    (a truncated file or one with a field of the wrong type still has them)."""
+    state = State()
+    for name, pattern in _SALVAGED.items():
+        found = pattern.search(content)
+        if found is not None:
+            with contextlib.suppress(pydantic.ValidationError, ValueError):
+                value = found[1].decode()
+                setattr(state, name, int(value) if name.startswith("highest") else float(value))
+    return state
 
 
 def _keep_newest_corrupt_copies() -> None:
