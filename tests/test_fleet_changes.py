@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from src.fleet.commands import printable, view_line
 from src.fleet.rollout import next_revision
 from src.fleet.store import RolloutStore
 from src.fleet.view import view
-from src.types import Config
+from src.types import Config, ConfigMessageBody
 from src.types.config import BrokerConnection
 from src.types.state import ProcessState
 from src.utils.logger import Logger
@@ -35,6 +36,7 @@ from src.utils.state_interface import StateInterface
 from src.utils.update import config_trial
 from src.utils.update.config_history import keep_previous
 from src.utils.update.coordinator import RestartWith, UpdateCoordinator
+from src.utils.update.signatures import envelope, sign_text, signed_document_text
 from tests.conftest import template_config_dict
 from tests.mqtt_helpers import publish
 
@@ -128,8 +130,6 @@ def test_a_revert_takes_the_kept_config_or_is_refused(signer: Signer, tmp_path: 
 def test_the_unsigned_revision_cannot_disagree_or_lock_a_signed_change_out(
     signer: Signer,
 ) -> None:
-    from src.utils.update.signatures import envelope, sign_text, signed_document_text
-
     config = running_config()
     text = signed_document_text(
         {"dummy_procedure": {"seconds_between_datapoints": 9}}, [STATION], kind="patch", revision=12
@@ -139,6 +139,39 @@ def test_the_unsigned_revision_cannot_disagree_or_lock_a_signed_change_out(
     assert receive(config, 2**31, signed) == []  # a revision no config can carry
     (queued,) = receive(config, 12, signed)  # the real message is still taken
     assert queued.config.general.config_revision == 12
+
+
+def test_a_config_signed_ahead_of_the_clock_waits_and_is_taken_once_the_clock_is_right(
+    signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a station that booted a week behind, before NTP: no verdict (a
+    # rejection would halt a rollout and be remembered), judged again later
+    config = running_config()
+    agent = MessagingAgent(config)
+    receiver = ConfigReceiver(config, Logger(config, "backend"), agent)
+    ahead = time.time() + 7 * 86_400
+    text = signed_document_text(
+        {"dummy_procedure": {"seconds_between_datapoints": 9}}, [STATION], kind="patch", now=ahead
+    )
+    change = envelope(text, sign_text(text, signer.private))
+    payload = json.dumps({"revision": 6, "configuration": change}).encode()
+    received = TentaProvider(config).config_in(f"configurations/{STATION}", payload)
+    assert received is not None
+    receiver.handle(received, payload)
+    receiver.handle(received, payload)  # the same message again: still no verdict
+    assert StateInterface.load().pending == []
+    bodies = [item.message_body for item in agent.get_n_latest_messages(10)]
+    assert not any(isinstance(body, ConfigMessageBody) for body in bodies)  # no answer either
+    assert any("cannot be judged yet" in getattr(body, "subject", "") for body in bodies)
+    assert receiver.answered == []
+
+    receiver.retry_deferred()  # the clock is still behind
+    assert StateInterface.load().pending == []
+    monkeypatch.setattr(time, "time", lambda: ahead + 60)  # NTP has caught up
+    receiver.deferred_retry_at = 0.0  # a minute later
+    receiver.retry_deferred()
+    (queued,) = StateInterface.load().pending
+    assert queued.config.general.config_revision == 6
 
 
 def test_the_state_report_masks_secrets(signer: Signer) -> None:
@@ -209,12 +242,19 @@ def test_a_forged_report_cannot_crash_the_view_or_use_up_the_revisions(tmp_path:
         with FleetBroker(settings, [STATION]) as fleet:
             fleet.settle(2)
             assert fleet.seen(STATION).report is None
-    # a report claiming the last revision there is (2**31 - 1) cannot stop
-    # the next rollout: it signs the lowest revision above its own that no
-    # station uses, so that no old answer passes for one to it
+    # a report of a revision near the end of the range (2**31 - 1) cannot
+    # use the revisions up: one of 2**30 or more is not followed, and no
+    # revision a station uses is taken (an old answer could pass for it)
     assert next_revision(7, {5, 6}) == 8
-    assert next_revision(7, {5, 2**31 - 1}) == 8
-    assert next_revision(7, {8, 9, 2**31 - 1}) == 10
+    assert next_revision(7, {5, 8, 9}) == 10
+    for high in (2**31 - 2, 2**31 - 1, 2**30):
+        assert next_revision(7, {5, high}) == 8
+    assert next_revision(2**30 - 1, {2**31 - 2}) == 2**30
+    revision = 7
+    for _ in range(3):  # rollout after rollout, the forged report stays
+        found = next_revision(revision, {2**31 - 2})
+        assert found == revision + 1
+        revision = found
     assert next_revision(2**31 - 1, set()) is None
 
 

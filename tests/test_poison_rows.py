@@ -160,8 +160,8 @@ def test_a_link_that_keeps_failing_makes_no_row_poison(
     tmp_path: Any, data_dir: str, processes: list[BackendProcess]
 ) -> None:
     # eight connections in a row that take the rows and lose the answers, cut
-    # 3 s in: a row is blamed only when the broker hangs up right after
-    # accepting the connection (it once took six such drops to drop a row)
+    # 3 s in: late drops count a third of a prompt one (six such drops once
+    # made two good rows poison and dropped them), and no row is ever dropped
     with Broker.running(str(tmp_path / "broker")) as broker:
         link = FlakyLink(broker.port, bad=8, cut_after=3.0)
         try:
@@ -175,7 +175,6 @@ def test_a_link_that_keeps_failing_makes_no_row_poison(
             assert wait_until(lambda: link.connections > 8, timeout=120), log_text()
             assert wait_until(lambda: agent.get_queue_depth() == 0, timeout=60), log_text()
             assert agent.get_poisoned_count() == 0
-            assert "looking for a poison row" not in log_text()
             assert set(sequence_numbers(subscriber.items("measurements/"))) == set(range(5))
             assert error_logs(subscriber) == []
             subscriber.close()

@@ -55,6 +55,8 @@ from src.utils.update.trust import TrustError, config_signers_path, load_policy
 from .provider import ReceivedConfig
 
 _ANSWERED_KEPT = 256
+_DEFERRED_KEPT = 4
+_DEFERRED_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,11 @@ class ConfigReceiver:
         self.unverified = UnverifiedAnswers(logger, messaging_agent)
         self.answered: list[str] = []  # digests answered by this process
         self.ignored: set[str] = set()  # digests whose ignoring was logged
+        # configs that could not be judged yet (the station's clock behind the
+        # signer's, ssh-keygen starved of CPU), by digest, judged again later
+        self.deferred: dict[str, tuple[ReceivedConfig, bytes]] = {}
+        self.deferred_retry_at = 0.0
+        self.deferral_logged: set[str] = set()
 
     def handle(self, received: ReceivedConfig, payload: bytes) -> None:
         """Reject, ignore or queue one received config (`payload`: the MQTT
@@ -114,9 +121,16 @@ class ConfigReceiver:
         try:
             admitted = self._admit(received.config)
         except SignatureUnchecked as e:
-            # neither refused nor remembered: a retained config comes again
-            # at the next connection and is judged then
-            self.logger.warning(f"a received config was not judged: {e}")
+            # neither refused nor remembered: judged again in a while
+            if digest not in self.deferral_logged:
+                if len(self.deferral_logged) >= _ANSWERED_KEPT:  # a flood: stay bounded
+                    self.deferral_logged.clear()
+                self.deferral_logged.add(digest)
+                self.logger.warning(f"a received config cannot be judged yet: {e}")
+            self.deferred.pop(digest, None)
+            self.deferred[digest] = (received, payload)
+            while len(self.deferred) > _DEFERRED_KEPT:  # a flood: the newest stay
+                del self.deferred[next(iter(self.deferred))]
             return
         except SignatureError as e:
             self._reject_unverified(str(e), digest, claimed)
@@ -247,6 +261,17 @@ class ConfigReceiver:
         self.messaging_agent.add_message(
             ConfigMessageBody.about("rejected", config, reason, digest=digest)
         )
+
+    def retry_deferred(self) -> None:
+        """Judge again, once a minute, the configs that could not be judged
+        yet. Called by the drain loop on every turn."""
+        now = time.monotonic()
+        if not self.deferred or now < self.deferred_retry_at:
+            return
+        self.deferred_retry_at = now + _DEFERRED_RETRY_SECONDS
+        waiting, self.deferred = self.deferred, {}
+        for received, payload in waiting.values():
+            self.handle(received, payload)
 
     def _remember(self, digest: str) -> None:
         self.answered = [*self.answered[-(_ANSWERED_KEPT - 1) :], digest]

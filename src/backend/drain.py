@@ -41,11 +41,18 @@ _UNREACHABLE_GRACE_SECONDS = 5.0
 _IDLE_POLL_SECONDS = 0.1  # how soon new rows from the procedures are noticed
 _ROWS_PER_FETCH = 1_000
 _FRUITLESS_DROPS_BEFORE_ISOLATING = 2  # connections lost with no acknowledgement in between
+# a connection lost soon after the broker accepted it (as when it hangs up on
+# what is sent again) counts as much as this many lost later: a link that
+# stalls drops late and at random, a slow upload of the culprit or a broker
+# that stalls instead of hanging up drop late too and are still found
+_PROMPT_DROP_WEIGHT = 3
 _MAX_REFUSAL_BACKOFF = 60.0
 # failed connection attempts at one address before the next is tried
 _FAILURES_BEFORE_FAILOVER = 2
 _GAP_CHECK_SECONDS = 5.0
-_RECEIVED_PER_TURN = 8  # received messages judged between two rounds of publishing
+# received messages judged between two rounds of publishing, at most
+_RECEIVED_PER_TURN = 8
+_RECEIVED_SECONDS_PER_TURN = 1.0
 
 
 def destination_section(config: Config, name: str) -> BackendConfig:
@@ -132,6 +139,7 @@ class Drainer:
         self.held_rows: dict[int, float] = {}  # row -> when to try it again
         self.hold_attempts: dict[int, int] = {}
         self.last_acknowledgment: float | None = None
+        self.anything_due = False  # whether a row was ever fetched for this destination
         self.published_connection: tuple[object, float | None, bool] | None = None
         self.published_at = 0.0
         self.unexpected_topics: set[str] = set()
@@ -263,14 +271,19 @@ class Drainer:
                 f"({reason}); sending it as an error holding its raw content"
             )
         else:
-            attempts = self.hold_attempts[rows[0]] = self.hold_attempts.get(rows[0], 0) + 1
-            delay = capped_exponential_delay(attempts, 1.0, _MAX_REFUSAL_BACKOFF)
-            self.held_rows[rows[0]] = time.monotonic() + delay
-            self.logger.warning(
-                f"the broker refuses even the error form of message "
-                f"{self.messaging_agent.identifier_of(rows[0])} ({reason}); "
-                f"retrying in {delay:.0f} s"
-            )
+            self._hold_back(rows[0], reason)
+
+    def _hold_back(self, row_id: int, reason: str) -> None:
+        """A row whose error form fails too: the broker (or the link) refuses
+        the station, not the row. It waits, with backoff, while the others
+        flow; it is never dropped."""
+        attempts = self.hold_attempts[row_id] = self.hold_attempts.get(row_id, 0) + 1
+        delay = capped_exponential_delay(attempts, 1.0, _MAX_REFUSAL_BACKOFF)
+        self.held_rows[row_id] = time.monotonic() + delay
+        self.logger.warning(
+            f"even the error form of message {self.messaging_agent.identifier_of(row_id)} "
+            f"failed ({reason}); retrying in {delay:.0f} s"
+        )
 
     def _rewind(self, row_ids: set[int]) -> None:
         """Send these rows again: forget their publishes and move their
@@ -296,23 +309,23 @@ class Drainer:
         self.acknowledged_since_drop = False
         prompt = self.connection.prompt_disconnects
         if self.rows_of_publish:
-            # only a prompt drop blames what is in flight: a link that fails
-            # at random must not make good rows poison
-            self.fruitless_drops += prompt - self.seen_prompt_disconnects
+            new_prompt = prompt - self.seen_prompt_disconnects
+            late = drops - self.seen_disconnects - new_prompt
+            self.fruitless_drops += _PROMPT_DROP_WEIGHT * new_prompt + late
         self.seen_disconnects = drops
         self.seen_prompt_disconnects = prompt
-        if self.fruitless_drops < _FRUITLESS_DROPS_BEFORE_ISOLATING:
+        if self.fruitless_drops < _FRUITLESS_DROPS_BEFORE_ISOLATING * _PROMPT_DROP_WEIGHT:
             return
         # the broker closes the connection whenever these publishes are resent
         publishes = list(self.rows_of_publish.values())
         self.logger.warning(
-            f"the broker closed the connection {self.fruitless_drops} times while "
+            "the broker closed the connection again and again while "
             f"{len(publishes)} publish(es) were outstanding; looking for a poison row "
             "by sending one publish at a time"
         )
         self.fruitless_drops = 0
         if len(publishes) == 1 and len(publishes[0]) == 1 and publishes[0][0] in self.poisoned_rows:
-            self._drop_poison_row(publishes[0][0])
+            self._hold_back(publishes[0][0], "the broker closed the connection each time")
         elif len(publishes) == 1:
             self._isolate(publishes[0], "the broker closed the connection each time it was sent")
         else:
@@ -332,11 +345,15 @@ class Drainer:
         self.waiting = []
         if outstanding:
             self._rewind(outstanding)
-        self._process_received_configs()
         if self.reporter is not None:
             self.reporter.new_connection()
-        self.connection.stop()
-        self.connection = self._new_connection(self.connection.logged_state)
+        old = self.connection
+        old.stop()
+        unlogged_drops = old.received_dropped - self.received_drops_logged
+        self.connection = self._new_connection(old.logged_state)
+        # what was received and not judged yet is judged through the new one
+        self.connection.received.extend(old.received)
+        self.connection.received_dropped = unlogged_drops  # its thread is not running yet
         self.seen_disconnects = 0
         self.seen_prompt_disconnects = 0
         self.connection.start()
@@ -422,26 +439,13 @@ class Drainer:
                 del self.held_rows[row_id]
             self._rewind(due)
 
-    def _drop_poison_row(self, row_id: int) -> None:
-        identifier = self.messaging_agent.identifier_of(row_id)
-        self.logger.error(
-            f"message {identifier} makes the broker close the connection even as an error; "
-            "dropped from the queue (it stays in the local archive)"
-        )
-        self.messaging_agent.acknowledge(self.destination, [row_id])
-        self.messaging_agent.count_poisoned(1)
-        self.cursors.done(row_id)
-        self.solo_rows.discard(row_id)
-        self.poisoned_rows.pop(row_id, None)
-        self.held_rows.pop(row_id, None)
-        self.hold_attempts.pop(row_id, None)
-
     def _process_received_configs(self) -> None:
         """Judge a few of the received messages per turn of the loop: each
         may cost a signature check, and a flood of them must not keep the
         loop from sending data (the rest wait, bounded, for the next turns)."""
+        budget_ends = time.monotonic() + _RECEIVED_SECONDS_PER_TURN
         for _ in range(_RECEIVED_PER_TURN):
-            if not self.connection.received:
+            if not self.connection.received or time.monotonic() > budget_ends:
                 break
             topic, payload = self.connection.received.popleft()
             if not self.provider.expects(topic):
@@ -452,6 +456,7 @@ class Drainer:
             received = self.provider.config_in(topic, payload)
             if received is not None:
                 self.receiver.handle(received, payload)
+        self.receiver.retry_deferred()
         dropped = self.connection.received_dropped - self.received_drops_logged
         if dropped >= 1 and not self.connection.received:
             self.logger.warning(
@@ -466,8 +471,11 @@ class Drainer:
         for `ivy status`."""
         status = self.connection.status
         now = time.monotonic()  # a wall clock stepped back must not hold the writes for hours
-        # flips at most once per process (nothing is idle after an acknowledgment)
-        idle = status.connected and self.last_acknowledgment is None and self._drained()
+        # nothing was ever due (a row fetched and then lost, say dropped as
+        # poison, must not make the destination look idle)
+        if not self.anything_due and not self._drained():
+            self.anything_due = True
+        idle = status.connected and not self.anything_due and self.last_acknowledgment is None
         current = (status, self.last_acknowledgment, idle)
         if current == self.published_connection:
             return
@@ -505,6 +513,7 @@ class Drainer:
                 )
                 if not rows:
                     break
+                self.anything_due = True
                 self.cursors.fetched_rows(stream, rows)
                 # every payload of these rows goes out, even past the limit (paho
                 # keeps the surplus queued, off the wire): a row is released only

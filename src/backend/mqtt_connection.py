@@ -279,11 +279,17 @@ class MQTTConnection:
         self._connected.clear()
         self._next_reconnect_delay()
         if was_connected:
+            prompt = (
+                reason_code.is_failure
+                and time.monotonic() - self._connected_at < _SOON_AFTER_CONNACK_SECONDS
+            )
+            # the backend's thread reads disconnects, then prompt_disconnects
+            if prompt:
+                self.prompt_disconnects += 1
             self.disconnects += 1
             if not reason_code.is_failure:
                 return  # we disconnected
-            if time.monotonic() - self._connected_at < _SOON_AFTER_CONNACK_SECONDS:
-                self.prompt_disconnects += 1
+            if prompt:
                 self._log_state(
                     f"broker {self.address} closed the connection right after accepting it "
                     f"({reason_code}){self._protocol_hint()}",

@@ -16,6 +16,7 @@ from .broker import FleetBroker, FleetBrokerError
 from .inventory import Inventory, InventoryError, load_inventory
 from .rollout import (
     DEFAULT_WAVES,
+    FOLLOWED_BELOW,
     FailureLimit,
     Rollout,
     RolloutError,
@@ -295,12 +296,15 @@ def _run(
             if found is None:
                 _fail(f"no revision is left above {highest_sent} (revisions end at 2**31 - 1)")
             revision = found
-            suspects = sorted(s for s, used in in_use.items() if max(used, default=0) >= revision)
+            suspects = sorted(
+                s for s, used in in_use.items() if max(used, default=0) >= FOLLOWED_BELOW
+            )
             if suspects:
                 _progress(
                     f"warning: {', '.join(map(printable, suspects))} report(s) a config revision "
-                    f"at the end of the range; signing revision {revision} instead (if nobody "
-                    "pushed such a revision, those reports are forged: check the broker's ACL)"
+                    f"of {FOLLOWED_BELOW} or more, not followed: signing revision {revision} "
+                    "(if nobody pushed such a revision, those reports are forged: check the "
+                    "broker's ACL)"
                 )
             waves = [stations[start:end] for start, end in zip([0, *ends], ends, strict=False)]
             plan = {**plan, "wave_sizes": [len(wave) for wave in waves]}
@@ -475,7 +479,8 @@ def fleet_rollback(
             s: report.config_revision
             for s in took
             if (report := broker.seen(s).report) is not None
-            and report.config_revision not in (None, record.revision)
+            and report.config_revision is not None
+            and report.config_revision > record.revision
         }
     finally:
         broker.close()

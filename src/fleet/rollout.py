@@ -113,18 +113,19 @@ def revisions_in_use(seen: Sightings) -> set[int]:
     return used
 
 
+# what stations report is not signed: a reported revision this high is not
+# followed, so that no report can push the revisions to their end (2**31 - 1)
+FOLLOWED_BELOW = 2**30
+
+
 def next_revision(highest_sent: int, in_use: set[int]) -> int | None:
     """The revision a new rollout signs: one above every revision this tool
-    sent and every one in use on a station. What stations report is not
-    signed, so a forged report can claim the last revision there is: then
-    the lowest one above those this tool sent that no station uses, so that
-    no report can lock the operator out. None when no revision is left."""
-    above_all = 1 + max([highest_sent, *in_use])
-    if is_valid_revision(above_all):
-        return above_all
-    # at most len(in_use) + 1 candidates to look at
-    candidate = highest_sent + 1
-    while candidate in in_use:
+    sent and every one in use on a station below `FOLLOWED_BELOW`, and none
+    that a station uses (an old answer could pass for one to it). None when
+    no revision is left."""
+    followed = [r for r in in_use if r < FOLLOWED_BELOW]
+    candidate = 1 + max([highest_sent, *followed])
+    while candidate in in_use:  # at most len(in_use) steps
         candidate += 1
     return candidate if is_valid_revision(candidate) else None
 

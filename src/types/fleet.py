@@ -20,7 +20,8 @@ MAX_PROBLEMS = 10
 MAX_TEXT_CHARS = 500
 
 # a report is read by the operator's tool: every figure in it is bounded, so
-# that a forged one can neither crash the tool nor keep a station "heard" for ever
+# that a forged one cannot crash it (a forged report can still claim a
+# station is fine: the broker's ACL is what keeps strangers off these topics)
 UnixSeconds = Annotated[float, Field(ge=0, lt=2**33, allow_inf_nan=False)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 

@@ -192,8 +192,9 @@ def verify_envelope(
     now = time.time() if now is None else now
     if document.signed_at > now + MAX_SIGNED_AHEAD_SECONDS:
         # taken, it would make every config signed at the right time look
-        # like a replay until then: one wrong clock would lock the station out
-        raise SignatureError(
+        # like a replay until then: one wrong clock would lock the station out.
+        # No verdict either: the station's clock may be the wrong one
+        raise SignatureUnchecked(
             f"signed at {_utc(document.signed_at)}, more than a day ahead of this "
             f"station's clock ({_utc(now)}): check the signer's clock (and the station's)"
         )
