@@ -800,7 +800,7 @@ class MessagingAgent:
 
     def count_poisoned(self, count: int) -> None:
         """Record rows that the broker would not take as they were (sent as an
-        error instead, or dropped). Called by the backend."""
+        error instead). Called by the backend."""
         with self._transaction():
             self._add_to_counter("poisoned", count)
 
