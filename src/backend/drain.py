@@ -471,8 +471,8 @@ class Drainer:
         for `ivy status`."""
         status = self.connection.status
         now = time.monotonic()  # a wall clock stepped back must not hold the writes for hours
-        # nothing was ever due (a row fetched and then lost, say dropped as
-        # poison, must not make the destination look idle)
+        # idle: nothing was ever due (a row that was due and is gone from the
+        # queue without an acknowledgment must not make the destination idle)
         if not self.anything_due and not self._drained():
             self.anything_due = True
         idle = status.connected and not self.anything_due and self.last_acknowledgment is None
