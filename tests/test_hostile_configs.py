@@ -267,7 +267,10 @@ def test_a_flood_of_configs_signed_by_a_stranger_does_not_stop_the_data(
     grew its memory). Now it judges a few per turn from a bounded backlog."""
     remote = RemoteStation(station, broker, provider)
     stranger = make_signer(str(tmp_path / "stranger"), "stranger")
-    text = stranger.sign_text(remote.valid, stations=[remote.identifier])
+    # the marker: had any of these configs run, config/config.json would hold it
+    theirs = copy.deepcopy(remote.valid)
+    theirs["dummy_procedure"]["seconds_between_datapoints"] = 3_599
+    text = stranger.sign_text(theirs, stations=[remote.identifier])
     flooding = threading.Event()
     flooding.set()
     sent = 0
@@ -312,6 +315,8 @@ def test_a_flood_of_configs_signed_by_a_stranger_does_not_stop_the_data(
     answer = next(a for a in remote.answers()[count:] if a["revision"] == "5")
     assert answer["status"] == "accepted", answer
     assert station.status()["config"]["revision"] == 5  # none of the stranger's ran
+    with open(os.path.join(station.project_dir, "config", "config.json")) as f:
+        assert json.load(f)["dummy_procedure"]["seconds_between_datapoints"] == 2
     remote.subscriber.close()
 
 

@@ -104,7 +104,6 @@ class ConfigReceiver:
         # signer's, ssh-keygen starved of CPU), by digest, judged again later
         self.deferred: dict[str, tuple[ReceivedConfig, bytes]] = {}
         self.deferred_retry_at = 0.0
-        self.deferral_logged: set[str] = set()
 
     def handle(self, received: ReceivedConfig, payload: bytes) -> None:
         """Reject, ignore or queue one received config (`payload`: the MQTT
@@ -122,19 +121,17 @@ class ConfigReceiver:
             admitted = self._admit(received.config)
         except SignatureUnchecked as e:
             # neither refused nor remembered: judged again in a while
-            if digest not in self.deferral_logged:
-                if len(self.deferral_logged) >= _ANSWERED_KEPT:  # a flood: stay bounded
-                    self.deferral_logged.clear()
-                self.deferral_logged.add(digest)
+            if digest not in self.deferred:
                 self.logger.warning(f"a received config cannot be judged yet: {e}")
-            self.deferred.pop(digest, None)
-            self.deferred[digest] = (received, payload)
-            while len(self.deferred) > _DEFERRED_KEPT:  # a flood: the newest stay
-                del self.deferred[next(iter(self.deferred))]
+                self.deferred[digest] = (received, payload)
+                while len(self.deferred) > _DEFERRED_KEPT:  # a flood: the newest stay
+                    del self.deferred[next(iter(self.deferred))]
             return
         except SignatureError as e:
+            self.deferred.pop(digest, None)
             self._reject_unverified(str(e), digest, claimed)
             return
+        self.deferred.pop(digest, None)
         if admitted.revision is not None and received.server_revision not in (
             None,
             admitted.revision,
@@ -269,9 +266,8 @@ class ConfigReceiver:
         if not self.deferred or now < self.deferred_retry_at:
             return
         self.deferred_retry_at = now + _DEFERRED_RETRY_SECONDS
-        waiting, self.deferred = self.deferred, {}
-        for received, payload in waiting.values():
-            self.handle(received, payload)
+        for received, payload in list(self.deferred.values()):
+            self.handle(received, payload)  # judged: it leaves `deferred`
 
     def _remember(self, digest: str) -> None:
         self.answered = [*self.answered[-(_ANSWERED_KEPT - 1) :], digest]

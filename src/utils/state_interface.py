@@ -102,9 +102,9 @@ def _salvaged(content: bytes) -> State:
     for name, pattern in _SALVAGED.items():
         found = pattern.search(content)
         if found is not None:
-            with contextlib.suppress(pydantic.ValidationError, ValueError):
-                value = found[1].decode()
-                setattr(state, name, int(value) if name.startswith("highest") else float(value))
+            # the model converts and checks the text as it would the file's
+            with contextlib.suppress(pydantic.ValidationError):
+                setattr(state, name, found[1].decode())
     return state
 
 

@@ -46,7 +46,7 @@ _STATION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 # how far ahead of the station's clock a signature may say it was made (clocks
-# of unsynchronised stations drift; a signer's set years ahead is refused)
+# of unsynchronised stations drift); one further ahead waits for the clock
 MAX_SIGNED_AHEAD_SECONDS = 86_400.0
 
 
@@ -56,8 +56,9 @@ class SignatureError(Exception):
 
 
 class SignatureUnchecked(SignatureError):
-    """The signature could not be checked just now (ssh-keygen too slow on a
-    busy machine): no verdict on the config, which may be judged again."""
+    """No verdict just now (ssh-keygen too slow on a busy machine, or signed
+    more than a day ahead of this station's clock): the config may be judged
+    again later."""
 
 
 class SignedDocument(pydantic.BaseModel):
